@@ -1,0 +1,7 @@
+"""Token mixers, one file each, all registered in `MIXERS` (the per-layer plug point)."""
+from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.registry import MIXERS
+from longlm.attention.full import FullAttention
+from longlm.attention.relative import RelativeAttention
+
+__all__ = ["MIXERS", "MixerInputs", "TokenMixer", "FullAttention", "RelativeAttention"]

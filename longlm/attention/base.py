@@ -1,0 +1,59 @@
+"""The token-mixer plug point: what every mixer receives and must return."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from longlm.configuration_longlm import LongLMConfig
+
+
+@dataclass
+class MixerInputs:
+    """Everything beyond the segment's hidden states that a mixer may use.
+
+    `memory` holds hidden states from earlier segments (B, M, D) to be attended as extra keys/values
+    (the Transformer-XL way); `key_mask` (B, M + L) is True where a key may be attended (memory slots
+    that are filled and not reset, non-padding tokens); `causal` says whether a query may see later keys.
+    """
+
+    memory: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    causal: bool
+
+    @property
+    def memory_length(self) -> int:
+        return 0 if self.memory is None else self.memory.shape[1]
+
+
+class TokenMixer(nn.Module):
+    """Base class of the per-layer token mixers (registered in `longlm.attention.MIXERS`).
+
+    `forward(hidden (B, L, D), inputs) -> (B, L, D)`. Subclasses declare extra parameters they own
+    through `init_extra_parameters`, which the model's `_init_weights` calls.
+    """
+
+    def __init__(self, config: "LongLMConfig", layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.inner_size = self.num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+
+    def init_extra_parameters(self, init_normal) -> None:  # pragma: no cover - default has none
+        """Initialise parameters that are not Linear/Embedding/LayerNorm weights."""
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H * Dh) -> (B, H, T, Dh)."""
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, Dh) -> (B, T, H * Dh)."""
+        batch, _, length, _ = x.shape
+        return x.transpose(1, 2).reshape(batch, length, self.inner_size)

@@ -1,0 +1,56 @@
+"""`full`: exact softmax attention over [memory; segment] through SDPA (flash-attn when installed)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.kernels import attend
+from longlm.attention.masks import segment_attention_mask
+from longlm.attention.registry import MIXERS
+from longlm.layers.positions import apply_rotary, rotary_cos_sin
+
+
+@MIXERS.register("full")
+class FullAttention(TokenMixer):
+    """Multi-head attention; rotary positions when `position_embedding_type="rotary"`.
+
+    With memory, rotary positions run over [memory; segment], so a query at segment position i has
+    absolute position M + i and the scores depend only on the distance to each key.
+    """
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.q_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=False)
+        self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
+        self.rotary = config.position_embedding_type == "rotary"
+
+    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        memory_length = inputs.memory_length
+        keys_in = hidden if inputs.memory is None else torch.cat([inputs.memory, hidden], dim=1)
+        q = self.split_heads(self.q_proj(hidden))
+        k, v = (self.split_heads(t) for t in self.kv_proj(keys_in).chunk(2, dim=-1))
+        if self.rotary:
+            cos, sin = rotary_cos_sin(
+                torch.arange(keys_in.shape[1], device=hidden.device), self.head_dim, self.config.rope_theta
+            )
+            q = apply_rotary(q, cos[memory_length:], sin[memory_length:])
+            k = apply_rotary(k, cos, sin)
+        window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None
+        needs_mask = inputs.key_mask is not None or window is not None
+        mask = (
+            segment_attention_mask(
+                hidden.shape[1],
+                memory_length,
+                causal=inputs.causal,
+                key_mask=inputs.key_mask,
+                same_length_window=window,
+                device=hidden.device,
+            )
+            if needs_mask
+            else None
+        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out = attend(q, k, v, mask=mask, causal=inputs.causal, dropout=dropout, scale=self.scale)
+        return self.o_proj(self.merge_heads(out))

@@ -1,0 +1,87 @@
+"""`relative`: Transformer-XL attention (Dai et al. 2019) with relative sinusoidal positions.
+
+score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r R_{i-j}, with learned per-layer biases u, v,
+`clamp_len` capping the distances, and `same_length` giving every query the same number of keys.
+The position term is computed for each distance once and shifted into place (the "relative shift"),
+then passed to SDPA as an additive bias, so the content term uses the fused kernel.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.kernels import attend
+from longlm.attention.masks import segment_attention_mask
+from longlm.attention.registry import MIXERS
+from longlm.layers.positions import sinusoid_table
+
+
+def relative_shift(scores: torch.Tensor, key_length: int) -> torch.Tensor:
+    """Turn scores indexed by distance into scores indexed by key.
+
+    `scores[..., i, p]` belongs to distance `d_p = key_length - 1 - p`; the result `[..., i, j]` holds the
+    score for distance `(M + i) - j` where M = key_length - L. Entries for keys beyond what a causal query
+    may see are garbage and must be masked by the caller.
+    """
+    *lead, query_length, num_distances = scores.shape
+    padded = F.pad(scores, (1, 0))
+    padded = padded.reshape(*lead, num_distances + 1, query_length)
+    shifted = padded[..., 1:, :].reshape(*lead, query_length, num_distances)
+    return shifted[..., :key_length]
+
+
+def relative_distances(query_length: int, key_length: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """Distances K-1, K-2, ..., down to 0 (causal) or down to -(L-1) (bidirectional)."""
+    lowest = 0 if causal else -(query_length - 1)
+    return torch.arange(key_length - 1, lowest - 1, -1, device=device)
+
+
+@MIXERS.register("relative")
+class RelativeAttention(TokenMixer):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * self.inner_size, bias=False)
+        self.r_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
+        self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
+        self.content_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # u
+        self.position_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # v
+
+    def init_extra_parameters(self, init_normal) -> None:
+        init_normal(self.content_bias)
+        init_normal(self.position_bias)
+
+    def position_scores(self, q: torch.Tensor, key_length: int, causal: bool) -> torch.Tensor:
+        """(q + v) . W_r R_{i-j}, shifted so the last axis indexes keys: (B, H, L, K)."""
+        query_length = q.shape[-2]
+        distances = relative_distances(query_length, key_length, causal, q.device)
+        clamp = self.config.clamp_len
+        if clamp is not None:
+            distances = distances.clamp(min=-clamp, max=clamp)
+        table = sinusoid_table(distances, self.config.hidden_size).to(q.dtype)
+        r = self.r_proj(table).view(-1, self.num_heads, self.head_dim)  # (P, H, Dh)
+        raw = torch.einsum("bhld,phd->bhlp", q + self.position_bias[:, None, :], r)
+        return relative_shift(raw, key_length)
+
+    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        query_length = hidden.shape[1]
+        keys_in = hidden if inputs.memory is None else torch.cat([inputs.memory, hidden], dim=1)
+        key_length = keys_in.shape[1]
+        q, k, v = (self.split_heads(t) for t in self.qkv_proj(keys_in).chunk(3, dim=-1))
+        q = q[:, :, key_length - query_length :]
+        bias = self.position_scores(q, key_length, inputs.causal) * self.scale
+        window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None
+        mask = segment_attention_mask(
+            query_length,
+            inputs.memory_length,
+            causal=inputs.causal,
+            key_mask=inputs.key_mask,
+            same_length_window=window,
+            device=hidden.device,
+        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out = attend(
+            q + self.content_bias[:, None, :], k, v, mask=mask, bias=bias, causal=inputs.causal, dropout=dropout, scale=self.scale
+        )
+        return self.o_proj(self.merge_heads(out))

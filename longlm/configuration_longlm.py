@@ -1,0 +1,110 @@
+"""`LongLMConfig`: one Hugging Face config for every mixer/memory combination.
+
+A paper recipe is a preset (see `longlm.presets`): a named set of field values, so
+`LongLMConfig.from_preset("transformer-xl", hidden_size=256)` is the whole story.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from longlm.attention import MIXERS
+from longlm.memory import MEMORIES
+
+POSITION_EMBEDDING_TYPES = ("none", "learned", "rotary")
+
+
+class LongLMConfig(PretrainedConfig):
+    """Configuration of a longlm decoder (or, later, encoder).
+
+    Field names follow Hugging Face (`hidden_size`, `num_hidden_layers`, ...). The two plug points:
+    `mixer` (a name, or one name per layer) picks the token mixer; `memory` picks the state
+    carried across segments (`mem_len` states per layer for `xl`).
+    """
+
+    model_type = "longlm"
+
+    vocab_size: int = 259
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    head_dim: int | None = None
+    intermediate_size: int = 1024
+    hidden_act: str = "relu"
+    hidden_dropout_prob: float = 0.1
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    pre_norm: bool = False
+    scale_embeddings: bool = False
+    initializer_range: float = 0.02
+    mixer: Any = "full"
+    memory: str = "none"
+    mem_len: int = 0
+    clamp_len: int | None = None
+    same_length: bool = False
+    position_embedding_type: str = "rotary"
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    is_decoder: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    bos_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.head_dim is None and isinstance(self.hidden_size, int) and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self._check()
+
+    @property
+    def mixers(self) -> list[str]:
+        """One mixer name per layer."""
+        if isinstance(self.mixer, str):
+            return [self.mixer] * self.num_hidden_layers
+        return list(self.mixer)
+
+    def _check(self) -> None:
+        """One clear sentence per bad field (raised as ValueError)."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LongLMConfig.{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"LongLMConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})."
+            )
+        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+            raise ValueError(f"LongLMConfig.mem_len must be a non-negative integer, got {self.mem_len!r}.")
+        if self.clamp_len is not None and (not isinstance(self.clamp_len, int) or self.clamp_len <= 0):
+            raise ValueError(f"LongLMConfig.clamp_len must be a positive integer or None, got {self.clamp_len!r}.")
+        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings <= 0:
+            raise ValueError(
+                f"LongLMConfig.max_position_embeddings must be a positive integer, got {self.max_position_embeddings!r}."
+            )
+        for rate in ("hidden_dropout_prob", "attention_dropout"):
+            if not 0.0 <= getattr(self, rate) < 1.0:
+                raise ValueError(f"LongLMConfig.{rate} must be in [0, 1), got {getattr(self, rate)!r}.")
+        if not isinstance(self.mixer, (str, list, tuple)):
+            raise ValueError(f"LongLMConfig.mixer must be a mixer name or a list of names, got {self.mixer!r}.")
+        if not isinstance(self.mixer, str) and len(self.mixer) != self.num_hidden_layers:
+            raise ValueError(
+                f"LongLMConfig.mixer lists {len(self.mixer)} mixers but num_hidden_layers is {self.num_hidden_layers}."
+            )
+        for name in self.mixers:
+            MIXERS.get(name)  # raises with the list of valid names
+        MEMORIES.get(self.memory)
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"Unknown position_embedding_type '{self.position_embedding_type}'; "
+                f"expected one of {list(POSITION_EMBEDDING_TYPES)}."
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LongLMConfig":
+        """Build a config from a paper recipe (`longlm.presets.PRESETS`) with field overrides."""
+        from longlm.presets import PRESETS
+
+        return cls(**{**PRESETS.get(name), **overrides})

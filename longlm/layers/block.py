@@ -1,0 +1,45 @@
+"""One skeleton block: token mixer + feed-forward with residuals, pre- or post-norm. Never names a mechanism."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from longlm.attention.base import MixerInputs
+from longlm.attention.registry import MIXERS
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.dropout(self.act(self.up(x)))))
+
+
+class LongLMBlock(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.mixer = MIXERS.get(config.mixers[layer_idx])(config, layer_idx)
+        self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        if self.pre_norm:
+            hidden = hidden + self.dropout(self.mixer(self.mixer_norm(hidden), self._normed_memory(inputs)))
+            return hidden + self.feed_forward(self.ffn_norm(hidden))
+        hidden = self.mixer_norm(hidden + self.dropout(self.mixer(hidden, inputs)))
+        return self.ffn_norm(hidden + self.feed_forward(hidden))
+
+    def _normed_memory(self, inputs: MixerInputs) -> MixerInputs:
+        """Pre-norm: memory holds this layer's raw inputs, so it goes through the same norm as the segment."""
+        if inputs.memory is None:
+            return inputs
+        return MixerInputs(self.mixer_norm(inputs.memory), inputs.key_mask, inputs.causal)

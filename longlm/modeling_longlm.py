@@ -1,0 +1,215 @@
+"""The Hugging Face face of longlm: `LongLMModel` and `LongLMForCausalLM`.
+
+The skeleton embeds tokens, runs the blocks (each with the mixer its config names) and lets the memory
+module (the one its config names) read context before each layer and write the next state afterwards.
+It never names a mechanism.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.configuration_longlm import LongLMConfig
+from longlm.layers.block import LongLMBlock
+from longlm.memory.base import MemoryState
+from longlm.memory.registry import MEMORIES
+from longlm.outputs import LongLMCausalLMOutput, LongLMModelOutput
+from longlm.remote_code import AUTO_MAP, write_remote_code
+
+
+class LongLMLayer(GradientCheckpointingLayer):
+    """A block that HF's `gradient_checkpointing_enable()` can recompute in backward."""
+
+    def __init__(self, config: LongLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.block = LongLMBlock(config, layer_idx)
+
+    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        return self.block(hidden, inputs)
+
+
+class LongLMPreTrainedModel(PreTrainedModel):
+    config_class = LongLMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LongLMLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, TokenMixer):
+            module.init_extra_parameters(lambda p: init.normal_(p, mean=0.0, std=self.config.initializer_range))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save config + safetensors, plus the flat model code that `trust_remote_code=True` loads."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"Model folder '{path}' has no config.json; expected a folder written by save_pretrained "
+                "or by scripts/export.py."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+class LongLMModel(LongLMPreTrainedModel):
+    """Embeddings -> blocks -> final norm; `forward(memory=...)` returns the next `.memory`."""
+
+    def __init__(self, config: LongLMConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList(LongLMLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
+        self.memory = MEMORIES.get(config.memory)(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _key_mask(self, memory: MemoryState | None, attention_mask: torch.Tensor | None, batch: int, length: int, device):
+        """(B, M + L) validity of [memory; segment] keys, or None when everything is valid."""
+        _, memory_valid = self.memory.context(memory, 0)
+        if memory_valid is None and attention_mask is None:
+            return None
+        parts = [] if memory_valid is None else [memory_valid.bool()]
+        parts.append(
+            torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        )
+        key_mask = torch.cat(parts, dim=1)
+        return None if bool(key_mask.all()) else key_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory: MemoryState | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> LongLMModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden = self.dropout(inputs_embeds * self.embed_scale)
+        batch, length = hidden.shape[:2]
+        key_mask = self._key_mask(memory, attention_mask, batch, length, hidden.device)
+        layer_inputs: list[torch.Tensor] = []
+        for layer_idx, layer in enumerate(self.layers):
+            context, _ = self.memory.context(memory, layer_idx)
+            layer_inputs.append(hidden)
+            hidden = layer(hidden, MixerInputs(context, key_mask, causal=self.config.is_decoder))
+        hidden = self.dropout(self.final_norm(hidden))
+        new_memory = self.memory.update(memory, layer_inputs, attention_mask)
+        all_hidden = tuple(layer_inputs) + (hidden,) if output_hidden_states else None
+        return LongLMModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, memory=new_memory)
+
+
+class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
+    """Decoder LM head (tied to the input embeddings by default).
+
+    `labels` follow HF (the same ids as `input_ids`, shifted inside); `shift_labels` are targets already
+    aligned with the inputs, which segment-recurrent training uses so that the last token of a segment
+    is also trained (its target is the first token of the next segment).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongLMConfig) -> None:
+        super().__init__(config)
+        self.model = LongLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory: MemoryState | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> LongLMCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            memory=memory,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None and shift_labels is None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if shift_labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+        return LongLMCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, memory=outputs.memory)
+
+    # --- generation: the memory is the cache -------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        memory: MemoryState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the memory has not absorbed when the memory carries the context;
+        otherwise (no memory) feed the whole sequence again."""
+        if memory is not None and self.model.memory.carries_context:
+            seen = memory.num_tokens
+            input_ids = input_ids[:, seen:]
+            attention_mask = None if attention_mask is None else attention_mask[:, seen:]
+        else:
+            memory = None
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        model_kwargs["memory"] = outputs.memory
+        return model_kwargs
+
+
+__all__ = ["LongLMPreTrainedModel", "LongLMModel", "LongLMForCausalLM"]
