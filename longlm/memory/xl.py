@@ -34,7 +34,10 @@ class XLMemoryState(MemoryState):
 
 @MEMORIES.register("xl")
 class XLMemory(SegmentMemory):
-    carries_context = True
+    @property
+    def carries_context(self) -> bool:
+        """Only a memory that keeps states (mem_len > 0) can stand in for the earlier tokens."""
+        return self.config.mem_len > 0
 
     def context(self, state: XLMemoryState | None, layer_idx: int):
         if state is None or state.length == 0:

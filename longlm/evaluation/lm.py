@@ -1,0 +1,93 @@
+"""The Transformer-XL evaluation protocol: ordered segments, memory carried, every token scored once.
+
+Evaluation may use a longer memory (`mem_len`), another segment length, `clamp_len` and `same_length`
+than training did; they are set on the loaded model's config for the run.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from longlm.data.corpus import CorpusSplit
+from longlm.data.streams import SegmentStreams
+
+
+def load_model_folder(path: str | Path):
+    """(model, tokenizer) from an HF folder written by save_pretrained / export."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model folder '{path}' does not exist.")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"Model folder '{path}' has no config.json; expected a folder written by export.py or by fit.")
+    import longlm  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def evaluate_stream(
+    model,
+    split: CorpusSplit,
+    *,
+    tgt_len: int,
+    mem_len: int | None = None,
+    batch_size: int = 1,
+    clamp_len: int | None = None,
+    same_length: bool | None = None,
+    max_segments: int | None = None,
+) -> dict[str, Any]:
+    """Total NLL (nats) over the split's ordered segments; returns the totals and counts."""
+    if tgt_len <= 0:
+        raise ValueError(f"tgt_len must be a positive integer, got {tgt_len}.")
+    if mem_len is not None and mem_len < 0:
+        raise ValueError(f"mem_len must be a non-negative integer, got {mem_len}.")
+    config = model.config
+    saved = (config.mem_len, config.clamp_len, config.same_length)
+    if mem_len is not None:
+        config.mem_len = mem_len
+    if clamp_len is not None:
+        config.clamp_len = clamp_len
+    if same_length is not None:
+        config.same_length = same_length
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        streams = SegmentStreams(split.tokens, batch_size, tgt_len, split.doc_starts, drop_last=False)
+        total, count, memory = 0.0, 0, None
+        for index in range(len(streams) if max_segments is None else min(max_segments, len(streams))):
+            batch = streams.segment(index)
+            if memory is not None and bool(batch["new_document"].any()):
+                memory = memory.reset_rows(batch["new_document"])
+            out = model(input_ids=batch["input_ids"].to(device), memory=memory)
+            labels = batch["labels"].to(device)
+            total += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += labels.numel()
+            memory = out.memory
+    finally:
+        config.mem_len, config.clamp_len, config.same_length = saved
+        model.train(was_training)
+    return {"nll": total, "tokens_scored": count, "tokens_total": int(len(split.tokens))}
+
+
+def lm_metrics(result: dict[str, Any], split: CorpusSplit, dataset: str) -> dict[str, float]:
+    """Bits per character for byte corpora; word-level and token perplexity for subword corpora.
+
+    When some tokens are not scored (several streams drop a remainder), the word count is scaled by the
+    scored fraction so the per-word NLL stays an unbiased estimate.
+    """
+    nll, scored = result["nll"], result["tokens_scored"]
+    metrics: dict[str, float] = {"loss": nll / scored, "tokens_scored": scored}
+    if dataset == "enwik8":
+        metrics["bits_per_character"] = nll / scored / math.log(2)
+    else:
+        fraction = scored / max(1, result["tokens_total"] - 1)
+        metrics["word_perplexity"] = math.exp(nll / (split.num_words * fraction))
+        metrics["token_perplexity"] = math.exp(nll / scored)
+        metrics["words"] = split.num_words
+    return metrics

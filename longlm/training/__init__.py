@@ -1,0 +1,6 @@
+"""Lightning side of longlm: the LM module, the data module, the CLI and HF export."""
+from longlm.training.datamodule import LMDataModule
+from longlm.training.export import ExportHuggingFace, export_checkpoint, save_hf_folder
+from longlm.training.lm_module import CausalLMPretraining
+
+__all__ = ["LMDataModule", "CausalLMPretraining", "ExportHuggingFace", "export_checkpoint", "save_hf_folder"]

@@ -1,0 +1,97 @@
+"""`LMDataModule`: any registered corpus as ordered segment streams for train/validation/test."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from longlm.data.corpus import CORPORA, CorpusSplit
+from longlm.data.streams import SegmentStreams
+from longlm.training.sampler import ResumableSegmentSampler, SegmentDataset
+
+BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "bundled" / "persuasion.txt.gz"
+
+
+class LMDataModule(L.LightningDataModule):
+    """Ordered streams for segment-recurrent LM training.
+
+    Args:
+        dataset: a registered corpus (`enwik8` for any raw byte file, `pg19` for the PG-19 layout).
+        path: the file or folder; None trains on the public-domain book bundled with longlm (bytes).
+        batch_size / tgt_len: training streams and segment length.
+        eval_batch_size / eval_tgt_len: the same for validation and test.
+        tokenizer_vocab_size: size of the subword tokenizer trained on PG-19's train split.
+        cache_dir: where tokenised splits and tokenizers are cached (default ~/.cache/longlm).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "enwik8",
+        path: str | None = None,
+        batch_size: int = 22,
+        tgt_len: int = 512,
+        eval_batch_size: int = 10,
+        eval_tgt_len: int = 128,
+        tokenizer_vocab_size: int = 32000,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("tgt_len", tgt_len), ("eval_batch_size", eval_batch_size), ("eval_tgt_len", eval_tgt_len)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}.")
+        self.save_hyperparameters()
+        self.corpus = CORPORA.get(dataset)(
+            path if path is not None else BUNDLED_TEXT, cache_dir=cache_dir, vocab_size=tokenizer_vocab_size
+        )
+        self.batch_size, self.tgt_len = batch_size, tgt_len
+        self.eval_batch_size, self.eval_tgt_len = eval_batch_size, eval_tgt_len
+
+    @property
+    def tokenizer(self):
+        return self.corpus.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @cached_property
+    def train_split(self) -> CorpusSplit:
+        return self.corpus.split("train")
+
+    def eval_split(self, name: str) -> CorpusSplit:
+        return self.corpus.split(name)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_streams = SegmentStreams(
+                self.train_split.tokens, self.batch_size, self.tgt_len, self.train_split.doc_starts, drop_last=True
+            )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        data = self.eval_split(split)
+        streams = SegmentStreams(data.tokens, self.eval_batch_size, self.eval_tgt_len, data.doc_starts, drop_last=False)
+        return DataLoader(SegmentDataset(streams), batch_size=None, shuffle=False, generator=_private_generator())
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        start = getattr(module, "next_train_segment", 0)
+        sampler = ResumableSegmentSampler(len(self.train_streams), start)
+        return DataLoader(SegmentDataset(self.train_streams), batch_size=None, sampler=sampler, generator=_private_generator())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+def _private_generator() -> torch.Generator:
+    """Order is fixed, so the loader needs no randomness; its own generator keeps it from drawing on the
+    global RNG when an iterator starts (which would shift dropout after a resume)."""
+    return torch.Generator().manual_seed(0)
+
+
+__all__ = ["LMDataModule", "CORPORA"]

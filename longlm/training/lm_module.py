@@ -1,0 +1,155 @@
+"""`CausalLMPretraining`: segment-recurrent LM training of any longlm preset.
+
+Each training step feeds the next segment of every stream and keeps the memory the model returns for the
+step after (the Transformer-XL recipe). Checkpoints carry that memory, the position in the streams, the RNG
+state and the tokenizer, so a resumed run takes exactly the step an uninterrupted run would have taken and
+`scripts/export.py` can write an HF folder from the checkpoint alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from longlm.configuration_longlm import LongLMConfig
+from longlm.memory.base import MemoryState
+from longlm.modeling_longlm import LongLMForCausalLM
+from longlm.training.schedule import warmup_cosine
+from longlm.training.tokenizer_files import tokenizer_to_files
+
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "head_dim",
+    "intermediate_size",
+    "mixer",
+    "memory",
+)
+
+
+class CausalLMPretraining(L.LightningModule):
+    """LM pretraining module.
+
+    Args:
+        preset: a name from `longlm.presets.PRESETS`.
+        config: `LongLMConfig` field overrides on top of the preset.
+        vocab_size: set from the data module's tokenizer by the CLI.
+        learning_rate, weight_decay, betas: AdamW.
+        warmup_steps, min_lr_ratio: linear warmup then cosine decay to `min_lr_ratio * learning_rate`
+            over the run's total steps.
+    """
+
+    def __init__(
+        self,
+        preset: str = "transformer-xl",
+        config: dict[str, Any] | None = None,
+        vocab_size: int = 259,
+        learning_rate: float = 2.5e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        overrides = dict(config or {})
+        overrides["vocab_size"] = vocab_size
+        self.model = LongLMForCausalLM(LongLMConfig.from_preset(preset, **overrides))
+        self.train_memory: MemoryState | None = None
+        self.eval_memory: MemoryState | None = None
+        self.next_train_segment = 0
+        self.tokenizer = None  # attached by the data module at fit start, saved with checkpoints
+
+    # --- steps -----------------------------------------------------------------------------------------
+    def _segment_step(self, batch: dict[str, Any], memory: MemoryState | None):
+        if batch["segment"] == 0:
+            memory = None  # a new pass over the streams starts without memory
+        elif memory is not None and bool(batch["new_document"].any()):
+            memory = memory.reset_rows(batch["new_document"])
+        out = self.model(input_ids=batch["input_ids"], memory=memory, shift_labels=batch["labels"])
+        next_memory = out.memory.detach() if out.memory is not None else None
+        return out.loss, next_memory
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, self.train_memory = self._segment_step(batch, self.train_memory)
+        self.next_train_segment = batch["segment"] + 1
+        tokens = batch["labels"].numel()
+        self.log("train_loss", loss, prog_bar=True, batch_size=tokens)
+        self.log("train_bits_per_token", loss / math.log(2), batch_size=tokens)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
+        loss, self.eval_memory = self._segment_step(batch, self.eval_memory)
+        tokens = batch["labels"].numel()
+        self.log(f"{prefix}_loss", loss, prog_bar=True, batch_size=tokens)
+        self.log(f"{prefix}_bits_per_token", loss / math.log(2), batch_size=tokens)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_memory = None
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_memory = None
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and self.tokenizer is None:
+            self.tokenizer = datamodule.tokenizer
+
+    # --- optimisation -----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name or "bias" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["longlm"] = {
+            "model_config": self.model.config.to_dict(),
+            "next_train_segment": self.next_train_segment,
+            "train_memory": None if self.train_memory is None else self.train_memory.to_dict(),
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "tokenizer_files": tokenizer_to_files(self.tokenizer) if self.tokenizer is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("longlm")
+        if state is None:
+            return
+        saved, current = state["model_config"], self.model.config.to_dict()
+        changed = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in SHAPE_FIELDS if saved.get(k) != current.get(k)]
+        if changed:
+            raise ValueError(
+                "The checkpoint was trained with " + ", ".join(changed) + "; resuming cannot change the model's shape."
+            )
+        self.next_train_segment = state["next_train_segment"]
+        memory = state["train_memory"]
+        self.train_memory = None if memory is None else self.model.model.memory.state_from_dict(memory)
+        torch.set_rng_state(state["torch_rng_state"])
+        if state["cuda_rng_states"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng_states"])
+        if state.get("tokenizer_files") and self.tokenizer is None:
+            from longlm.training.tokenizer_files import tokenizer_from_files
+
+            self.tokenizer = tokenizer_from_files(state["tokenizer_files"])

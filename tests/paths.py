@@ -1,0 +1,13 @@
+"""Locations of the real data samples in ../shared/data (CI has them beside the clone)."""
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+ENWIK8_SAMPLE = SHARED_DATA / "enwik8-sample" / "enwiki_sample.xml"
+PG19_SAMPLE = SHARED_DATA / "pg19-sample"
+
+requires_shared_data = pytest.mark.skipif(
+    not ENWIK8_SAMPLE.exists() or not PG19_SAMPLE.exists(), reason="../shared/data is not beside the checkout"
+)

@@ -1,0 +1,136 @@
+"""Lightning training: memory kept across steps, exact resume, export, and the scripts users run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from longlm.training import CausalLMPretraining, LMDataModule, export_checkpoint
+from tests.paths import ENWIK8_SAMPLE, REPO, requires_shared_data
+
+pytestmark = requires_shared_data
+
+TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, mem_len=16, hidden_dropout_prob=0.1)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.segments: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.segments.append(int(batch["segment"]))
+
+
+def _fit(tmp_path, max_steps, *, ckpt_path=None, config=TINY, every=None):
+    L.seed_everything(7)
+    data = LMDataModule("enwik8", str(ENWIK8_SAMPLE), batch_size=4, tgt_len=16, eval_batch_size=4, eval_tgt_len=16, cache_dir=str(tmp_path / "cache"))
+    module = CausalLMPretraining("transformer-xl", config=config, vocab_size=data.vocab_size, learning_rate=3e-3, warmup_steps=2)
+    recorder = LossRecorder()
+    callbacks = [recorder]
+    if every:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1, save_last=True))
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        enable_checkpointing=bool(every),
+        gradient_clip_val=0.25,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, recorder
+
+
+def test_memory_is_carried_between_steps_and_segments_are_consecutive(tmp_path):
+    module, recorder = _fit(tmp_path, 3)
+    assert recorder.segments == [0, 1, 2]
+    assert module.train_memory is not None and module.train_memory.length == 16
+    assert not module.train_memory.hidden[0].requires_grad
+
+
+def test_resume_after_k_steps_gives_the_same_next_loss(tmp_path):
+    _, uninterrupted = _fit(tmp_path / "a", 5, every=3)
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=3.ckpt"
+    assert ckpt.exists()
+    _, resumed = _fit(tmp_path / "b", 5, ckpt_path=str(ckpt))
+    assert resumed.segments == uninterrupted.segments[3:]
+    assert resumed.losses == pytest.approx(uninterrupted.losses[3:], abs=1e-6)
+
+
+def test_resume_with_a_different_model_shape_is_refused(tmp_path):
+    _fit(tmp_path / "a", 2, every=2)
+    wider = {**TINY, "hidden_size": 64}
+    with pytest.raises(ValueError, match=r"hidden_size=32 \(now 64\).*cannot change the model's shape"):
+        _fit(tmp_path / "b", 3, ckpt_path=str(tmp_path / "a" / "ckpt" / "last.ckpt"), config=wider)
+
+
+def test_export_of_a_checkpoint_reloads_with_identical_logits(tmp_path):
+    module, _ = _fit(tmp_path, 2, every=2)
+    out = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "hf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The quick brown fox", add_special_tokens=False, return_tensors="pt").input_ids
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, module.model(ids).logits)
+
+
+def test_export_of_a_missing_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "hf")
+
+
+def _run(args, cwd):
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_cli_fit_then_export_and_evaluate_scripts(tmp_path):
+    root = tmp_path / "run"
+    _run(
+        [
+            str(REPO / "scripts" / "pretrain.py"), "fit",
+            "--config", str(REPO / "configs" / "enwik8" / "transformer-xl-tiny.yaml"),
+            "--data.path", str(ENWIK8_SAMPLE), "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+            "--trainer.default_root_dir", str(root),
+        ],
+        cwd=tmp_path,
+    )
+    # the YAML's loggers and checkpoints are relative to the working directory
+    assert (tmp_path / "runs" / "enwik8" / "transformer-xl-tiny" / "checkpoints" / "last.ckpt").exists()
+    assert (root / "hf" / "config.json").exists() and (root / "hf" / "model.safetensors").exists()
+    ckpt = tmp_path / "runs" / "enwik8" / "transformer-xl-tiny" / "checkpoints" / "last.ckpt"
+    _run([str(REPO / "scripts" / "export.py"), str(ckpt), str(tmp_path / "exported")], cwd=tmp_path)
+    out = _run(
+        [
+            str(REPO / "scripts" / "evaluate.py"), str(tmp_path / "exported"), "--dataset", "enwik8",
+            "--path", str(ENWIK8_SAMPLE), "--split", "test", "--tgt-len", "32", "--mem-len", "64",
+            "--batch-size", "16", "--max-segments", "20", "--cache-dir", str(tmp_path / "cache"),
+        ],
+        cwd=tmp_path,
+    )
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["mem_len"] == 64 and 0 < last["bits_per_character"] < 9
+    assert last["tokens_scored"] == 20 * 16 * 32
+
+
+def test_evaluate_refuses_a_folder_without_config(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(tmp_path), "--dataset", "enwik8", "--path", str(ENWIK8_SAMPLE)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "has no config.json" in result.stderr.strip().splitlines()[-1]
