@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from longlm.attention import MIXERS
 from longlm.memory import MEMORIES
 
-POSITION_EMBEDDING_TYPES = ("none", "learned", "rotary")
+POSITION_EMBEDDING_TYPES = ("none", "rotary")  # "relative" positions belong to the relative mixer
 
 
 class LongLMConfig(PretrainedConfig):

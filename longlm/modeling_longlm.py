@@ -187,15 +187,18 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         return LongLMCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, memory=outputs.memory)
 
     # --- generation: the memory is the cache -------------------------------------------------------
+    # During generate() the memory travels under HF's cache name `past_key_values`, so beam search
+    # reorders it with the beams (through `_reorder_cache`).
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        memory: MemoryState | None = None,
+        past_key_values: Any = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Feed only the tokens the memory has not absorbed when the memory carries the context;
-        otherwise (no memory) feed the whole sequence again."""
+        otherwise (no memory, or `mem_len=0`) feed the whole sequence again."""
+        memory = past_key_values if isinstance(past_key_values, MemoryState) else kwargs.get("memory")
         if memory is not None and self.model.memory.carries_context:
             seen = memory.num_tokens
             input_ids = input_ids[:, seen:]
@@ -208,8 +211,13 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        model_kwargs["memory"] = outputs.memory
+        model_kwargs.pop("memory", None)
+        model_kwargs["past_key_values"] = outputs.memory
         return model_kwargs
+
+    @staticmethod
+    def _reorder_cache(memory: MemoryState | None, beam_idx: torch.LongTensor) -> MemoryState | None:
+        return None if memory is None else memory.select_rows(beam_idx)
 
 
 __all__ = ["LongLMPreTrainedModel", "LongLMModel", "LongLMForCausalLM"]

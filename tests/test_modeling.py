@@ -129,8 +129,17 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         first = model(data["ids_a"])
         second = model(data["ids_b"], memory=first.memory)
+        # a model loaded as remote code can be saved again and still loads as remote code
+        model.save_pretrained(folder + "/resaved")
+        again = AutoModelForCausalLM.from_pretrained(folder + "/resaved", trust_remote_code=True).eval()
+        resaved = again(data["ids_a"]).logits
     torch.save(
-        {"logits_a": first.logits, "logits_b": second.logits, "module": type(model).__module__},
+        {
+            "logits_a": first.logits,
+            "logits_b": second.logits,
+            "logits_resaved": resaved,
+            "module": type(model).__module__,
+        },
         folder + "/outputs.pt",
     )
     """
@@ -169,6 +178,7 @@ def test_trust_remote_code_loads_without_longlm(tiny_config, tmp_path):
     assert outputs["module"].startswith("transformers_modules")
     torch.testing.assert_close(outputs["logits_a"], out_a.logits, rtol=0, atol=0)
     torch.testing.assert_close(outputs["logits_b"], out_b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(outputs["logits_resaved"], out_a.logits, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +246,29 @@ def test_generate_with_xl_and_mem_len_zero_feeds_whole_sequence(tiny_config):
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert generated.tolist() == expected.tolist()
     assert [length for length, _ in calls] == list(range(5, 11))
+
+
+def test_generate_with_left_padding_equals_unpadded_rows(tiny_config):
+    config = tiny_config(mem_len=32, eos_token_id=None, tie_word_embeddings=False)
+    model = _model(config)
+    prompt = _ids(config, 2, 5)
+    attention_mask = torch.ones(2, 5, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    padded = model.generate(prompt, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+    row0 = model.generate(prompt[:1, 2:], max_new_tokens=6, do_sample=False)
+    row1 = model.generate(prompt[1:], max_new_tokens=6, do_sample=False)
+    assert padded[0, 5:].tolist() == row0[0, 3:].tolist()
+    assert padded[1].tolist() == row1[0].tolist()
+
+
+def test_beam_search_with_memory_equals_beam_search_without(tiny_config, monkeypatch):
+    config = tiny_config(mem_len=32, eos_token_id=None, tie_word_embeddings=False)
+    model = _model(config)
+    prompt = _ids(config, 2, 5)
+    with_memory = model.generate(prompt, max_new_tokens=8, do_sample=False, num_beams=3)
+    monkeypatch.setattr(type(model.model.memory), "carries_context", property(lambda self: False))
+    without_memory = model.generate(prompt, max_new_tokens=8, do_sample=False, num_beams=3)
+    assert with_memory.tolist() == without_memory.tolist()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -134,3 +134,31 @@ def test_evaluate_refuses_a_folder_without_config(tmp_path):
     )
     assert result.returncode != 0
     assert "has no config.json" in result.stderr.strip().splitlines()[-1]
+
+
+def test_pg19_tiny_config_trains_and_evaluation_reports_word_perplexity(tmp_path):
+    from tests.paths import PG19_SAMPLE
+
+    root = tmp_path / "run"
+    _run(
+        [
+            str(REPO / "scripts" / "pretrain.py"), "fit",
+            "--config", str(REPO / "configs" / "pg19" / "transformer-xl-tiny.yaml"),
+            "--data.path", str(PG19_SAMPLE), "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(root),
+        ],
+        cwd=tmp_path,
+    )
+    out = _run(
+        [
+            str(REPO / "scripts" / "evaluate.py"), str(root / "hf"), "--dataset", "pg19", "--path", str(PG19_SAMPLE),
+            "--split", "test", "--tgt-len", "64", "--batch-size", "8", "--max-segments", "5",
+            "--cache-dir", str(tmp_path / "cache"),
+        ],
+        cwd=tmp_path,
+    )
+    last = json.loads(out.strip().splitlines()[-1])
+    # word-level perplexity is exp(NLL / words) with the word count scaled to the scored part
+    assert last["word_perplexity"] > last["token_perplexity"] > 1
+    assert last["words"] == len((PG19_SAMPLE / "test" / "2701.txt").read_text(encoding="utf-8", errors="replace").split())
