@@ -127,3 +127,23 @@ def test_split_shorter_than_one_segment_is_refused():
 def _touch(path):
     path.write_bytes(b"")
     return path
+
+
+@pytest.mark.parametrize("field", ["batch_size", "tgt_len", "eval_batch_size", "eval_tgt_len"])
+@pytest.mark.parametrize("value", [0, -4])
+def test_data_module_refuses_non_positive_lengths(tmp_path, field, value):
+    from longlm.training import LMDataModule
+
+    with pytest.raises(ValueError, match=rf"data\.{field} must be a positive integer, got {value}"):
+        LMDataModule("enwik8", str(ENWIK8_SAMPLE), cache_dir=str(tmp_path), **{field: value})
+
+
+@pytest.mark.parametrize("kwargs, message", [({"tgt_len": 0}, "tgt_len must be a positive integer"), ({"tgt_len": 8, "mem_len": -1}, "mem_len must be a non-negative integer")])
+def test_evaluation_refuses_bad_lengths(tmp_path, kwargs, message):
+    from longlm import LongLMConfig, LongLMForCausalLM
+    from longlm.evaluation import evaluate_stream
+
+    model = LongLMForCausalLM(LongLMConfig.from_preset("transformer-xl", num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, mem_len=8))
+    split = CORPORA.get("enwik8")(ENWIK8_SAMPLE, cache_dir=tmp_path).split("validation")
+    with pytest.raises(ValueError, match=message):
+        evaluate_stream(model, split, **kwargs)
