@@ -41,6 +41,18 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def system_busy_seconds() -> float | None:
+    """CPU seconds spent busy by the whole machine so far (all cores; /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()[1:]
+    except OSError:
+        return None
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
@@ -159,7 +171,7 @@ def run_longlm_worker(args: argparse.Namespace, seg_len: int) -> dict[str, Any]:
         "peak_rss_mb": rss_mb(),
         "device": device,
         "threads": threads,
-        "final_loss": float(out.loss),
+        "final_loss": out.loss.item(),
     }
 
 

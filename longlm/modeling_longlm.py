@@ -88,16 +88,23 @@ class LongLMModel(LongLMPreTrainedModel):
         self.embed_tokens = value
 
     def _key_mask(self, memory: MemoryState | None, attention_mask: torch.Tensor | None, batch: int, length: int, device):
-        """(B, M + L) validity of [memory; segment] keys, or None when everything is valid."""
-        _, memory_valid = self.memory.context(memory, 0)
+        """(B, M + L) validity of [memory; segment] keys, or None when everything is valid.
+
+        Training passes no attention_mask and a memory that knows on the host whether all its slots are
+        valid, so this costs no device-to-host sync per segment.
+        """
+        context, _ = self.memory.context(memory, 0)
+        memory_valid = self.memory.known_valid_mask(memory)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
         if memory_valid is None and attention_mask is None:
             return None
-        parts = [] if memory_valid is None else [memory_valid.bool()]
-        parts.append(
-            torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        )
-        key_mask = torch.cat(parts, dim=1)
-        return None if bool(key_mask.all()) else key_mask
+        memory_length = 0 if context is None else context.shape[1]
+        parts = [
+            torch.ones(batch, memory_length, dtype=torch.bool, device=device) if memory_valid is None else memory_valid.bool(),
+            torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool(),
+        ]
+        return torch.cat(parts, dim=1)
 
     def forward(
         self,

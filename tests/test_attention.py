@@ -51,7 +51,8 @@ def dense_relative(mixer: RelativeAttention, hidden, memory, causal: bool, key_m
     keys_in = hidden if memory is None else torch.cat([memory, hidden], dim=1)
     batch, query_length, _ = hidden.shape
     key_length = keys_in.shape[1]
-    w_q, w_k, w_v = mixer.qkv_proj.weight.chunk(3, dim=0)
+    w_q = mixer.q_proj.weight
+    w_k, w_v = mixer.kv_proj.weight.chunk(2, dim=0)
     q = (hidden @ w_q.T).view(batch, query_length, H, DH)
     k = (keys_in @ w_k.T).view(batch, key_length, H, DH)
     v = (keys_in @ w_v.T).view(batch, key_length, H, DH)

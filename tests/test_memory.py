@@ -172,3 +172,23 @@ def test_memory_state_round_trips_and_selects_rows(tiny_config, tmp_path):
         torch.testing.assert_close(
             model(b[index], memory=selected).logits, model(b, memory=memory).logits[index], rtol=1e-10, atol=1e-10
         )
+
+
+def test_memory_owns_exactly_mem_len_rows_and_skips_masking_only_when_known_valid(tiny_config):
+    """No slice of a larger buffer is kept alive, and the host-side validity flag follows resets."""
+    config = tiny_config(mem_len=6)
+    model = LongLMForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 10))
+    with torch.no_grad():
+        memory = model(ids).memory
+        for layer_memory in memory.hidden:
+            assert layer_memory.shape[1] == 6
+            assert layer_memory.untyped_storage().nbytes() == layer_memory.numel() * layer_memory.element_size()
+        assert memory.fully_valid and model.model.memory.known_valid_mask(memory) is None
+        reset = memory.reset_rows(torch.tensor([True, False]))
+        assert not reset.fully_valid
+        assert model.model.memory.known_valid_mask(reset)[0].sum() == 0
+        short = model(ids[:, :3], memory=reset).memory  # 3 of the 6 slots still hold reset rows
+        assert not short.fully_valid and short.valid[0].tolist() == [False] * 3 + [True] * 3
+        full = model(ids[:, :6], memory=short).memory  # every old slot scrolled out
+        assert full.fully_valid and bool(full.valid.all())

@@ -48,6 +48,13 @@ class TokenMixer(nn.Module):
     def init_extra_parameters(self, init_normal) -> None:  # pragma: no cover - default has none
         """Initialise parameters that are not Linear/Embedding/LayerNorm weights."""
 
+    @staticmethod
+    def project_with_memory(proj: nn.Module, hidden: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        """proj([memory; hidden]) computed in two parts, so autograd never builds input gradients for the
+        memory rows (they are detached) and no concatenated input is materialised."""
+        out = proj(hidden)
+        return out if memory is None else torch.cat([proj(memory), out], dim=1)
+
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H * Dh) -> (B, H, T, Dh)."""
         batch, length, _ = x.shape

@@ -28,13 +28,11 @@ class FullAttention(TokenMixer):
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         memory_length = inputs.memory_length
-        keys_in = hidden if inputs.memory is None else torch.cat([inputs.memory, hidden], dim=1)
         q = self.split_heads(self.q_proj(hidden))
-        k, v = (self.split_heads(t) for t in self.kv_proj(keys_in).chunk(2, dim=-1))
+        kv = self.project_with_memory(self.kv_proj, hidden, inputs.memory)
+        k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))
         if self.rotary:
-            cos, sin = rotary_cos_sin(
-                torch.arange(keys_in.shape[1], device=hidden.device), self.head_dim, self.config.rope_theta
-            )
+            cos, sin = rotary_cos_sin(torch.arange(k.shape[2], device=hidden.device), self.head_dim, self.config.rope_theta)
             q = apply_rotary(q, cos[memory_length:], sin[memory_length:])
             k = apply_rotary(k, cos, sin)
         window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None

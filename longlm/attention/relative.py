@@ -42,7 +42,8 @@ def relative_distances(query_length: int, key_length: int, causal: bool, device:
 class RelativeAttention(TokenMixer):
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * self.inner_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=False)
         self.r_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
         self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
         self.content_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # u
@@ -66,10 +67,10 @@ class RelativeAttention(TokenMixer):
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         query_length = hidden.shape[1]
-        keys_in = hidden if inputs.memory is None else torch.cat([inputs.memory, hidden], dim=1)
-        key_length = keys_in.shape[1]
-        q, k, v = (self.split_heads(t) for t in self.qkv_proj(keys_in).chunk(3, dim=-1))
-        q = q[:, :, key_length - query_length :]
+        q = self.split_heads(self.q_proj(hidden))
+        kv = self.project_with_memory(self.kv_proj, hidden, inputs.memory)
+        k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))
+        key_length = k.shape[2]
         bias = self.position_scores(q, key_length, inputs.causal) * self.scale
         window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None
         mask = segment_attention_mask(

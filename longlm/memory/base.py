@@ -68,6 +68,11 @@ class SegmentMemory(nn.Module):
         """(hidden states to prepend (B, M, D) or None, their validity mask (B, M) or None)."""
         return None, None
 
+    def known_valid_mask(self, state: MemoryState | None) -> torch.Tensor | None:
+        """The (B, M) validity mask, or None when every slot is known (on the host) to be valid, so the
+        model can skip masking without a device-to-host sync."""
+        return self.context(state, 0)[1]
+
     def update(
         self, state: MemoryState | None, layer_inputs: list[torch.Tensor], token_mask: torch.Tensor | None
     ) -> MemoryState | None:

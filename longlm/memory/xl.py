@@ -16,20 +16,34 @@ from longlm.memory.registry import MEMORIES
 
 @dataclasses.dataclass
 class XLMemoryState(MemoryState):
-    """`hidden[i]` is layer i's cached input (B, M, D); `valid` (B, M) marks slots that hold real tokens."""
+    """`hidden[i]` is layer i's cached input (B, M, D); `valid` (B, M) marks slots that hold real tokens.
+
+    `fully_valid` is a host-side fact ("every slot is valid"), so the model can skip masking without
+    asking the device; it turns False on a reset or padding and True again once those slots scroll out.
+    """
 
     hidden: tuple[torch.Tensor, ...]
     valid: torch.Tensor
     num_tokens: int = 0
+    fully_valid: bool = True
 
     def reset_rows(self, rows: torch.Tensor) -> "XLMemoryState":
         keep = ~rows.to(device=self.valid.device, dtype=torch.bool)
         hidden = tuple(h * keep[:, None, None].to(h.dtype) for h in self.hidden)
-        return dataclasses.replace(self, hidden=hidden, valid=self.valid & keep[:, None])
+        return dataclasses.replace(self, hidden=hidden, valid=self.valid & keep[:, None], fully_valid=False)
 
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+
+def _append(old: torch.Tensor | None, new: torch.Tensor, mem_len: int) -> torch.Tensor:
+    """The last `mem_len` rows of [old; new] (dim 1), as a fresh tensor: no view keeps a larger buffer alive."""
+    new = new.detach()[:, -mem_len:]
+    keep_old = 0 if old is None else min(old.shape[1], mem_len - new.shape[1])
+    if keep_old <= 0:
+        return new.clone()
+    return torch.cat([old[:, old.shape[1] - keep_old :], new], dim=1)
 
 
 @MEMORIES.register("xl")
@@ -44,28 +58,31 @@ class XLMemory(SegmentMemory):
             return None, None
         return state.hidden[layer_idx], state.valid
 
+    def known_valid_mask(self, state: XLMemoryState | None) -> torch.Tensor | None:
+        if state is None or state.length == 0 or state.fully_valid:
+            return None
+        return state.valid
+
     def update(self, state: XLMemoryState | None, layer_inputs: list[torch.Tensor], token_mask: torch.Tensor | None):
         mem_len = self.config.mem_len
         batch, length = layer_inputs[0].shape[:2]
-        new_valid = (
-            torch.ones(batch, length, dtype=torch.bool, device=layer_inputs[0].device)
-            if token_mask is None
-            else token_mask.bool()
-        )
+        device = layer_inputs[0].device
+        new_valid = torch.ones(batch, length, dtype=torch.bool, device=device) if token_mask is None else token_mask.bool()
         num_tokens = (state.num_tokens if state is not None else 0) + length
         if mem_len == 0:
             empty = layer_inputs[0].new_zeros(batch, 0, layer_inputs[0].shape[-1])
             return XLMemoryState(tuple(empty for _ in layer_inputs), new_valid[:, :0], num_tokens)
+        previous = state if state is not None and state.length > 0 else None
         with torch.no_grad():
-            if state is None or state.length == 0:
-                hidden = tuple(h[:, -mem_len:].detach() for h in layer_inputs)
-                valid = new_valid[:, -mem_len:]
-            else:
-                hidden = tuple(
-                    torch.cat([old, new.detach()], dim=1)[:, -mem_len:] for old, new in zip(state.hidden, layer_inputs)
-                )
-                valid = torch.cat([state.valid, new_valid], dim=1)[:, -mem_len:]
-        return XLMemoryState(hidden, valid, num_tokens)
+            hidden = tuple(
+                _append(None if previous is None else previous.hidden[i], new, mem_len) for i, new in enumerate(layer_inputs)
+            )
+            valid = _append(None if previous is None else previous.valid[..., None], new_valid[..., None], mem_len)[..., 0]
+        old_slots_left = previous is not None and length < mem_len
+        fully_valid = token_mask is None and (not old_slots_left or previous.fully_valid)
+        return XLMemoryState(hidden, valid, num_tokens, fully_valid)
 
     def state_from_dict(self, data: dict[str, Any]) -> XLMemoryState:
-        return XLMemoryState(tuple(data["hidden"]), data["valid"], int(data.get("num_tokens", 0)))
+        return XLMemoryState(
+            tuple(data["hidden"]), data["valid"], int(data.get("num_tokens", 0)), bool(data.get("fully_valid", False))
+        )
