@@ -49,6 +49,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_throughput import (  # noqa: E402
+    DEFAULT_DATA,
+    real_byte_tokens,
     available_cores,
     environment,
     format_table,
@@ -150,7 +152,7 @@ def speed_worker(args: argparse.Namespace, total_len: int) -> dict[str, Any]:
     torch, threads, device = setup_torch(args.threads, args.device)
     torch.manual_seed(args.seed)
     steps = args.warmup + args.steps
-    data = torch.randint(0, args.vocab, (steps, args.batch, total_len + 1), device=device)
+    data = real_byte_tokens(args.data, steps * args.batch, total_len + 1, device).view(steps, args.batch, total_len + 1)
     impls = ("longlm", "x-transformers")
     models, runners = {}, {}
     for impl in impls:
@@ -214,7 +216,9 @@ def memory_worker(args: argparse.Namespace, impl: str, total_len: int) -> dict[s
     """One implementation alone in a fresh process: peak memory of `--mem-steps` training steps."""
     torch, threads, device = setup_torch(args.threads, args.device)
     torch.manual_seed(args.seed)
-    data = torch.randint(0, args.vocab, (args.mem_steps, args.batch, total_len + 1), device=device)
+    data = real_byte_tokens(args.data, args.mem_steps * args.batch, total_len + 1, device).view(
+        args.mem_steps, args.batch, total_len + 1
+    )
     rss_before = rss_mb()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -256,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--xt-pre-norm", dest="xt_pre_norm", action="store_true", help="x-transformers pre-norm (default post)")
     parser.add_argument("--vocab", type=int, default=259)
+    parser.add_argument("--data", default=DEFAULT_DATA, help="raw byte file whose train split feeds the steps")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed sequences per implementation (speed phase)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed sequences per implementation first")

@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 WORKER_FLAG = "--_worker"
@@ -109,6 +110,25 @@ def build_longlm(args: argparse.Namespace, device: str):
     return model, config
 
 
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "enwik8-sample", "enwiki_sample.xml")
+
+
+def real_byte_tokens(path: str, rows: int, length: int, device: str):
+    """(rows, length) ids of real text: consecutive stretches of the enwik8-style file's train split as
+    byte tokens (ByT5 ids, vocabulary 259), the same ids longlm trains on. Speed does not depend on the
+    ids, but benchmarks feed real data rather than invented tokens."""
+    import torch
+
+    from longlm.data.enwik8 import bytes_to_ids, read_bytes, split_bounds
+
+    data = read_bytes(Path(path))
+    data = data[: split_bounds(len(data))["train"][1]]
+    need = rows * length
+    if need > len(data):
+        raise ValueError(f"Benchmark data '{path}' has {len(data)} training bytes; {need} are needed.")
+    return torch.from_numpy(bytes_to_ids(data[:need]).astype("int64")).view(rows, length).to(device)
+
+
 def num_params(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -119,7 +139,7 @@ def run_longlm_worker(args: argparse.Namespace, seg_len: int) -> dict[str, Any]:
     torch, threads, device = setup_torch(args.threads, args.device)
     torch.manual_seed(args.seed)
     total_steps = args.warmup + args.steps
-    data = torch.randint(0, args.vocab or 259, (args.batch, total_steps * seg_len + 1), device=device)
+    data = real_byte_tokens(args.data, args.batch, total_steps * seg_len + 1, device)
     rss_before = rss_mb()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -216,7 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help="hidden_size")
     parser.add_argument("--heads", type=int, help="num_attention_heads")
     parser.add_argument("--inner", type=int, help="intermediate_size")
-    parser.add_argument("--vocab", type=int, default=259, help="vocab_size (token ids are drawn uniformly below it)")
+    parser.add_argument("--vocab", type=int, default=259, help="vocab_size (at least 259: the data are byte tokens)")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="raw byte file whose train split feeds the steps")
     parser.add_argument("--mem-len", dest="mem_len", type=int, help="mem_len (default: the preset's)")
     parser.add_argument("--dropout", type=float, help="hidden_dropout_prob (default: the preset's)")
     parser.add_argument("--attn-dropout", dest="attn_dropout", type=float, help="attention_dropout")
