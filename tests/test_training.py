@@ -91,6 +91,24 @@ def test_export_of_a_missing_checkpoint_says_so(tmp_path):
         export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "hf")
 
 
+def _pretrain(config: str, data_path, tmp_path, *overrides: str) -> str:
+    """`scripts/pretrain.py fit --config configs/<config>` as a user runs it, from `tmp_path`."""
+    args = [
+        str(REPO / "scripts" / "pretrain.py"), "fit", "--config", str(REPO / "configs" / config),
+        "--data.path", str(data_path), "--data.cache_dir", str(tmp_path / "cache"), *overrides,
+    ]
+    return _run(args, cwd=tmp_path)
+
+
+def _evaluate(model_dir, dataset: str, data_path, tmp_path, *options: str) -> dict:
+    """`scripts/evaluate.py` on the test split; returns the JSON object on its last line."""
+    args = [
+        str(REPO / "scripts" / "evaluate.py"), str(model_dir), "--dataset", dataset, "--path", str(data_path),
+        "--split", "test", "--cache-dir", str(tmp_path / "cache"), *options,
+    ]
+    return json.loads(_run(args, cwd=tmp_path).strip().splitlines()[-1])
+
+
 def _run(args, cwd):
     result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -99,30 +117,20 @@ def _run(args, cwd):
 
 def test_cli_fit_then_export_and_evaluate_scripts(tmp_path):
     root = tmp_path / "run"
-    _run(
-        [
-            str(REPO / "scripts" / "pretrain.py"), "fit",
-            "--config", str(REPO / "configs" / "enwik8" / "transformer-xl-tiny.yaml"),
-            "--data.path", str(ENWIK8_SAMPLE), "--data.cache_dir", str(tmp_path / "cache"),
-            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
-            "--trainer.default_root_dir", str(root),
-        ],
-        cwd=tmp_path,
+    _pretrain(
+        "enwik8/transformer-xl-tiny.yaml", ENWIK8_SAMPLE, tmp_path,
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.default_root_dir", str(root),
     )
     # the YAML's loggers and checkpoints are relative to the working directory
-    assert (tmp_path / "runs" / "enwik8" / "transformer-xl-tiny" / "checkpoints" / "last.ckpt").exists()
-    assert (root / "hf" / "config.json").exists() and (root / "hf" / "model.safetensors").exists()
     ckpt = tmp_path / "runs" / "enwik8" / "transformer-xl-tiny" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    assert (root / "hf" / "config.json").exists() and (root / "hf" / "model.safetensors").exists()
     _run([str(REPO / "scripts" / "export.py"), str(ckpt), str(tmp_path / "exported")], cwd=tmp_path)
-    out = _run(
-        [
-            str(REPO / "scripts" / "evaluate.py"), str(tmp_path / "exported"), "--dataset", "enwik8",
-            "--path", str(ENWIK8_SAMPLE), "--split", "test", "--tgt-len", "32", "--mem-len", "64",
-            "--batch-size", "16", "--max-segments", "20", "--cache-dir", str(tmp_path / "cache"),
-        ],
-        cwd=tmp_path,
+    last = _evaluate(
+        tmp_path / "exported", "enwik8", ENWIK8_SAMPLE, tmp_path,
+        "--tgt-len", "32", "--mem-len", "64", "--batch-size", "16", "--max-segments", "20",
     )
-    last = json.loads(out.strip().splitlines()[-1])
     assert last["mem_len"] == 64 and 0 < last["bits_per_character"] < 9
     assert last["tokens_scored"] == 20 * 16 * 32
 
@@ -140,25 +148,11 @@ def test_pg19_tiny_config_trains_and_evaluation_reports_word_perplexity(tmp_path
     from tests.paths import PG19_SAMPLE
 
     root = tmp_path / "run"
-    _run(
-        [
-            str(REPO / "scripts" / "pretrain.py"), "fit",
-            "--config", str(REPO / "configs" / "pg19" / "transformer-xl-tiny.yaml"),
-            "--data.path", str(PG19_SAMPLE), "--data.cache_dir", str(tmp_path / "cache"),
-            "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
-            "--trainer.default_root_dir", str(root),
-        ],
-        cwd=tmp_path,
+    _pretrain(
+        "pg19/transformer-xl-tiny.yaml", PG19_SAMPLE, tmp_path,
+        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
     )
-    out = _run(
-        [
-            str(REPO / "scripts" / "evaluate.py"), str(root / "hf"), "--dataset", "pg19", "--path", str(PG19_SAMPLE),
-            "--split", "test", "--tgt-len", "64", "--batch-size", "8", "--max-segments", "5",
-            "--cache-dir", str(tmp_path / "cache"),
-        ],
-        cwd=tmp_path,
-    )
-    last = json.loads(out.strip().splitlines()[-1])
+    last = _evaluate(root / "hf", "pg19", PG19_SAMPLE, tmp_path, "--tgt-len", "64", "--batch-size", "8", "--max-segments", "5")
     # word-level perplexity is exp(NLL / words) with the word count scaled to the scored part
     assert last["word_perplexity"] > last["token_perplexity"] > 1
     assert last["words"] == len((PG19_SAMPLE / "test" / "2701.txt").read_text(encoding="utf-8", errors="replace").split())
@@ -168,25 +162,26 @@ def test_memory_helps_the_trained_tiny_transformer_xl(tmp_path):
     """The Transformer-XL claim, on the acceptance path: the tiny enwik8 config trained briefly scores a
     lower test bpc with its training memory than with --mem-len 0."""
     root = tmp_path / "run"
-    _run(
-        [
-            str(REPO / "scripts" / "pretrain.py"), "fit",
-            "--config", str(REPO / "configs" / "enwik8" / "transformer-xl-tiny.yaml"),
-            "--data.path", str(ENWIK8_SAMPLE), "--data.cache_dir", str(tmp_path / "cache"),
-            "--trainer.max_steps", "500", "--trainer.limit_val_batches", "0",
-            "--trainer.default_root_dir", str(root),
-        ],
-        cwd=tmp_path,
+    _pretrain(
+        "enwik8/transformer-xl-tiny.yaml", ENWIK8_SAMPLE, tmp_path,
+        "--trainer.max_steps", "500", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
     )
-    bpc = {}
-    for mem_len in ("64", "0"):
-        out = _run(
-            [
-                str(REPO / "scripts" / "evaluate.py"), str(root / "hf"), "--dataset", "enwik8", "--path", str(ENWIK8_SAMPLE),
-                "--split", "test", "--tgt-len", "64", "--mem-len", mem_len, "--batch-size", "16", "--max-segments", "80",
-                "--cache-dir", str(tmp_path / "cache"),
-            ],
-            cwd=tmp_path,
-        )
-        bpc[mem_len] = json.loads(out.strip().splitlines()[-1])["bits_per_character"]
+    bpc = {
+        mem_len: _evaluate(
+            root / "hf", "enwik8", ENWIK8_SAMPLE, tmp_path,
+            "--tgt-len", "64", "--mem-len", mem_len, "--batch-size", "16", "--max-segments", "80",
+        )["bits_per_character"]
+        for mem_len in ("64", "0")
+    }
     assert bpc["0"] > bpc["64"] + 0.02, bpc
+
+
+def test_cli_resumes_with_ckpt_path_last(tmp_path):
+    """`pretrain.py fit ... --ckpt_path last` picks up the YAML's checkpoint folder and continues the step count."""
+    config = "enwik8/transformer-xl-tiny.yaml"
+    _pretrain(config, ENWIK8_SAMPLE, tmp_path, "--trainer.limit_val_batches", "0", "--trainer.max_steps", "4")
+    ckpt = tmp_path / "runs" / "enwik8" / "transformer-xl-tiny" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    _pretrain(config, ENWIK8_SAMPLE, tmp_path, "--trainer.limit_val_batches", "0", "--trainer.max_steps", "6", "--ckpt_path", "last")
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == 6 and state["longlm"]["next_train_segment"] == 6
