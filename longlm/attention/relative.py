@@ -53,8 +53,10 @@ class RelativeAttention(TokenMixer):
         init_normal(self.content_bias)
         init_normal(self.position_bias)
 
-    def position_scores(self, q: torch.Tensor, key_length: int, causal: bool) -> torch.Tensor:
-        """(q + v) . W_r R_{i-j}, shifted so the last axis indexes keys: (B, H, L, K)."""
+    def position_scores(self, q: torch.Tensor, key_length: int, causal: bool, scale: float = 1.0) -> torch.Tensor:
+        """scale * (q + v) . W_r R_{i-j}, shifted so the last axis indexes keys: (B, H, L, K).
+
+        The scale is applied to the (B, H, L, Dh) side, which is smaller than the (B, H, L, K) result."""
         query_length = q.shape[-2]
         distances = relative_distances(query_length, key_length, causal, q.device)
         clamp = self.config.clamp_len
@@ -62,7 +64,7 @@ class RelativeAttention(TokenMixer):
             distances = distances.clamp(min=-clamp, max=clamp)
         table = sinusoid_table(distances, self.config.hidden_size).to(q.dtype)
         r = self.r_proj(table).view(-1, self.num_heads, self.head_dim)  # (P, H, Dh)
-        raw = torch.einsum("bhld,phd->bhlp", q + self.position_bias[:, None, :], r)
+        raw = torch.einsum("bhld,phd->bhlp", (q + self.position_bias[:, None, :]) * scale, r)
         return relative_shift(raw, key_length)
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
@@ -71,7 +73,7 @@ class RelativeAttention(TokenMixer):
         kv = self.project_with_memory(self.kv_proj, hidden, inputs.memory)
         k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))
         key_length = k.shape[2]
-        bias = self.position_scores(q, key_length, inputs.causal) * self.scale
+        bias = self.position_scores(q, key_length, inputs.causal, scale=self.scale)
         window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None
         mask = segment_attention_mask(
             query_length,
