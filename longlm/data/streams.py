@@ -5,6 +5,8 @@ stream, so the memory a row carries always comes from the text just before its c
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -59,3 +61,13 @@ class SegmentStreams:
             "segment": index,
             "new_document": new_document,
         }
+
+
+def memory_for_segment(memory: Any, batch: dict[str, Any]) -> Any:
+    """The memory to feed with a segment from `SegmentStreams.segment`: none at the start of a pass, and
+    the rows whose segment begins a new document reset (`MemoryState.reset_rows`)."""
+    if batch["segment"] == 0 or memory is None:
+        return None
+    if bool(batch["new_document"].any()):
+        return memory.reset_rows(batch["new_document"])
+    return memory

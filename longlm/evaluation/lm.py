@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from longlm.data.corpus import CorpusSplit
-from longlm.data.streams import SegmentStreams
+from longlm.data.streams import SegmentStreams, memory_for_segment
 
 
 def load_model_folder(path: str | Path):
@@ -62,8 +62,7 @@ def evaluate_stream(
         total, count, memory = 0.0, 0, None
         for index in range(len(streams) if max_segments is None else min(max_segments, len(streams))):
             batch = streams.segment(index)
-            if memory is not None and bool(batch["new_document"].any()):
-                memory = memory.reset_rows(batch["new_document"])
+            memory = memory_for_segment(memory, batch)
             out = model(input_ids=batch["input_ids"].to(device), memory=memory)
             labels = batch["labels"].to(device)
             total += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from longlm.configuration_longlm import LongLMConfig
+from longlm.data.streams import memory_for_segment
 from longlm.memory.base import MemoryState
 from longlm.modeling_longlm import LongLMForCausalLM
 from longlm.training.schedule import warmup_cosine
@@ -66,10 +67,7 @@ class CausalLMPretraining(L.LightningModule):
 
     # --- steps -----------------------------------------------------------------------------------------
     def _segment_step(self, batch: dict[str, Any], memory: MemoryState | None):
-        if batch["segment"] == 0:
-            memory = None  # a new pass over the streams starts without memory
-        elif memory is not None and bool(batch["new_document"].any()):
-            memory = memory.reset_rows(batch["new_document"])
+        memory = memory_for_segment(memory, batch)
         out = self.model(input_ids=batch["input_ids"], memory=memory, shift_labels=batch["labels"])
         next_memory = out.memory.detach() if out.memory is not None else None
         return out.loss, next_memory
