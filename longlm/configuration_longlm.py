@@ -46,6 +46,18 @@ class LongLMConfig(PretrainedConfig):
     position_embedding_type: str = "rotary"
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
+    # compressive memory (Rae et al. 2020)
+    cmem_len: int = 0
+    compression_rate: int | None = None
+    compression_fn: str = "conv"
+    # Memorizing Transformer (Wu et al. 2022): layers whose mixer is `knn`, and the per-row store
+    knn_layers: list[int] | None = None
+    knn_memory_size: int = 65536
+    knn_top_k: int = 32
+    knn_backend: str = "torch"
+    # Recurrent Memory Transformer (Bulatov et al. 2022)
+    num_memory_tokens: int = 0
+    bptt_depth: int = 1
     is_decoder: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
@@ -60,10 +72,11 @@ class LongLMConfig(PretrainedConfig):
 
     @property
     def mixers(self) -> list[str]:
-        """One mixer name per layer."""
-        if isinstance(self.mixer, str):
-            return [self.mixer] * self.num_hidden_layers
-        return list(self.mixer)
+        """One mixer name per layer (`knn_layers` put the `knn` mixer in those layers)."""
+        names = [self.mixer] * self.num_hidden_layers if isinstance(self.mixer, str) else list(self.mixer)
+        for index in self.knn_layers or []:
+            names[index] = "knn"
+        return names
 
     def _check(self) -> None:
         """One clear sentence per bad field (raised as ValueError)."""
@@ -93,9 +106,14 @@ class LongLMConfig(PretrainedConfig):
             raise ValueError(
                 f"LongLMConfig.mixer lists {len(self.mixer)} mixers but num_hidden_layers is {self.num_hidden_layers}."
             )
-        for name in self.mixers:
-            MIXERS.get(name)  # raises with the list of valid names
-        MEMORIES.get(self.memory)
+        for index in self.knn_layers or []:
+            if not isinstance(index, int) or not 0 <= index < self.num_hidden_layers:
+                raise ValueError(
+                    f"LongLMConfig.knn_layers holds {index!r}, not a layer index in [0, {self.num_hidden_layers})."
+                )
+        for name in sorted(set(self.mixers)):
+            MIXERS.get(name).check_config(self)  # unknown names raise with the list of valid ones
+        MEMORIES.get(self.memory).check_config(self)
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"Unknown position_embedding_type '{self.position_embedding_type}'; "

@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.configuration_longlm import LongLMConfig
 from longlm.layers.block import LongLMBlock
-from longlm.memory.base import MemoryState
+from longlm.memory.base import MemoryState, SegmentPass
 from longlm.memory.registry import MEMORIES
 from longlm.outputs import LongLMCausalLMOutput, LongLMModelOutput
 from longlm.remote_code import AUTO_MAP, write_remote_code
@@ -121,17 +121,27 @@ class LongLMModel(LongLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         hidden = self.dropout(inputs_embeds * self.embed_scale)
+        hidden, before, after = self.memory.extend_inputs(memory, hidden)
         batch, length = hidden.shape[:2]
-        key_mask = self._key_mask(memory, attention_mask, batch, length, hidden.device)
+        full_mask = attention_mask
+        if attention_mask is not None and (before or after):
+            full_mask = F.pad(attention_mask, (before, after), value=1)
+        key_mask = self._key_mask(memory, full_mask, batch, length, hidden.device)
         layer_inputs: list[torch.Tensor] = []
         for layer_idx, layer in enumerate(self.layers):
             context, _ = self.memory.context(memory, layer_idx)
+            payload = self.memory.mixer_payload(memory, layer_idx)
             layer_inputs.append(hidden)
-            hidden = layer(hidden, MixerInputs(context, key_mask, causal=self.config.is_decoder))
+            hidden = layer(hidden, MixerInputs(context, key_mask, causal=self.config.is_decoder, payload=payload))
         hidden = self.dropout(self.final_norm(hidden))
-        new_memory = self.memory.update(memory, layer_inputs, attention_mask)
+        segment = SegmentPass(layer_inputs, hidden, attention_mask, [layer.block.mixer for layer in self.layers])
+        new_memory = self.memory.update(memory, segment)
+        aux_losses = self.memory.auxiliary_losses(memory, segment) if self.training else {}
         all_hidden = tuple(layer_inputs) + (hidden,) if output_hidden_states else None
-        return LongLMModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, memory=new_memory)
+        hidden = hidden[:, before : hidden.shape[1] - after]
+        return LongLMModelOutput(
+            last_hidden_state=hidden, hidden_states=all_hidden, memory=new_memory, aux_losses=aux_losses or None
+        )
 
 
 class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
@@ -186,12 +196,20 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        loss = None
+        loss = lm_loss = None
         if labels is not None and shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         if shift_labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
-        return LongLMCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, memory=outputs.memory)
+            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+            loss = lm_loss + sum(outputs.aux_losses.values()) if outputs.aux_losses else lm_loss
+        return LongLMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            memory=outputs.memory,
+            lm_loss=lm_loss,
+            aux_losses=outputs.aux_losses,
+        )
 
     # --- generation: the memory is the cache -------------------------------------------------------
     # During generate() the memory travels under HF's cache name `past_key_values`, so beam search

@@ -12,8 +12,13 @@ from longlm.memory.base import MemoryState
 @dataclass
 class LongLMModelOutput(BaseModelOutput):
     memory: MemoryState | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
 class LongLMCausalLMOutput(CausalLMOutput):
+    """`loss` = `lm_loss` + the memory's auxiliary losses (which train only the memory's own parameters)."""
+
     memory: MemoryState | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None

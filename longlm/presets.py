@@ -49,3 +49,67 @@ PRESETS.register("full")(
         position_embedding_type="rotary",
     )
 )
+
+# Rae et al. 2020, enwik8: 24 layers, d=1024, 8 heads, d_ff=3072; window (segment) 768, memory 768,
+# compressed memory 1152 at rate 3 with a 1-D convolution; relative attention over [cmem; mem; segment].
+PRESETS.register("compressive")(
+    dict(
+        mixer="relative",
+        memory="compressive",
+        mem_len=768,
+        cmem_len=1152,
+        compression_rate=3,
+        compression_fn="conv",
+        num_hidden_layers=24,
+        hidden_size=1024,
+        num_attention_heads=8,
+        intermediate_size=3072,
+        hidden_act="relu",
+        hidden_dropout_prob=0.1,
+        pre_norm=False,
+        scale_embeddings=True,
+        position_embedding_type="none",
+    )
+)
+
+# Wu et al. 2022: a 12-layer decoder whose layer 9 (index 8) adds top-32 retrieval from a per-document
+# store of 65k past (key, value) pairs, with an XL cache of 512 in every layer.
+PRESETS.register("memorizing")(
+    dict(
+        mixer="relative",
+        knn_layers=[8],
+        memory="knn",
+        mem_len=512,
+        knn_memory_size=65536,
+        knn_top_k=32,
+        num_hidden_layers=12,
+        hidden_size=1024,
+        num_attention_heads=8,
+        intermediate_size=4096,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        pre_norm=True,
+        position_embedding_type="none",
+    )
+)
+
+# Bulatov et al. 2022: Transformer-XL-sized decoder with 10 memory tokens read before and written after
+# each segment, gradient through 2 segments.
+PRESETS.register("rmt")(
+    dict(
+        mixer="relative",
+        memory="rmt",
+        mem_len=0,
+        num_memory_tokens=10,
+        bptt_depth=2,
+        num_hidden_layers=12,
+        hidden_size=512,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        hidden_act="relu",
+        hidden_dropout_prob=0.1,
+        pre_norm=False,
+        scale_embeddings=True,
+        position_embedding_type="none",
+    )
+)

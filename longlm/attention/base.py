@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,11 +18,14 @@ class MixerInputs:
     `memory` holds hidden states from earlier segments (B, M, D) to be attended as extra keys/values
     (the Transformer-XL way); `key_mask` (B, M + L) is True where a key may be attended (memory slots
     that are filled and not reset, non-padding tokens); `causal` says whether a query may see later keys.
+    `payload` is whatever the model's memory hands this layer beyond hidden states (e.g. a kNN store for
+    the `knn` mixer); mixers that do not know it ignore it.
     """
 
     memory: torch.Tensor | None
     key_mask: torch.Tensor | None
     causal: bool
+    payload: Any = None
 
     @property
     def memory_length(self) -> int:
@@ -44,6 +47,10 @@ class TokenMixer(nn.Module):
         self.head_dim = config.head_dim
         self.inner_size = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+
+    @classmethod
+    def check_config(cls, config: "LongLMConfig") -> None:
+        """Validate the config fields this mixer reads (one clear sentence per bad field)."""
 
     def init_extra_parameters(self, init_normal) -> None:  # pragma: no cover - default has none
         """Initialise parameters that are not Linear/Embedding/LayerNorm weights."""

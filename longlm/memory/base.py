@@ -2,13 +2,30 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from longlm.attention.base import TokenMixer
     from longlm.configuration_longlm import LongLMConfig
+
+
+@dataclasses.dataclass
+class SegmentPass:
+    """What a memory may read after a segment to write the next state.
+
+    `layer_inputs[i]` is the input of layer i and `final_hidden` the output after the final norm, both
+    over the whole (possibly extended, see `SegmentMemory.extend_inputs`) sequence; `token_mask` (B, L)
+    marks real tokens of the segment; `mixers` are the layers' mixers, for memories that reuse their
+    projections (kNN keys, the compressive reconstruction loss).
+    """
+
+    layer_inputs: list[torch.Tensor]
+    final_hidden: torch.Tensor
+    token_mask: torch.Tensor | None
+    mixers: Sequence["TokenMixer"]
 
 
 @dataclasses.dataclass
@@ -52,10 +69,13 @@ class MemoryState:
 class SegmentMemory(nn.Module):
     """Base class of the memories registered in `longlm.memory.MEMORIES`.
 
-    The skeleton asks it, per layer, for the context to attend (`context`), and after the segment hands it
-    every layer's input so it can write the next state (`update`). `carries_context` says whether a
-    forward over only the new tokens plus the state equals a forward over the whole sequence so far
-    (true for `xl` within `mem_len`); `generate()` uses it to decide what to feed.
+    Per segment the skeleton asks it, in order:
+    1. `extend_inputs`: tokens to add around the segment (RMT's read/write memory tokens);
+    2. per layer, `context` (hidden states attended as extra keys/values) and `mixer_payload`;
+    3. after the last layer, `update` (the next state) and, in training, `auxiliary_losses`.
+    `carries_context` says whether a forward over only the new tokens plus the state equals a forward
+    over the whole sequence so far (true for `xl` within `mem_len`); `generate()` uses it to decide what
+    to feed.
     """
 
     carries_context: bool = False
@@ -63,6 +83,14 @@ class SegmentMemory(nn.Module):
     def __init__(self, config: "LongLMConfig") -> None:
         super().__init__()
         self.config = config
+
+    @classmethod
+    def check_config(cls, config: "LongLMConfig") -> None:
+        """Validate the config fields this memory reads (one clear sentence per bad field)."""
+
+    def extend_inputs(self, state: MemoryState | None, hidden: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(extended hidden states, tokens added before the segment, tokens added after it)."""
+        return hidden, 0, 0
 
     def context(self, state: MemoryState | None, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(hidden states to prepend (B, M, D) or None, their validity mask (B, M) or None)."""
@@ -73,10 +101,16 @@ class SegmentMemory(nn.Module):
         model can skip masking without a device-to-host sync."""
         return self.context(state, 0)[1]
 
-    def update(
-        self, state: MemoryState | None, layer_inputs: list[torch.Tensor], token_mask: torch.Tensor | None
-    ) -> MemoryState | None:
+    def mixer_payload(self, state: MemoryState | None, layer_idx: int) -> Any:
+        """Extra state handed to layer `layer_idx`'s mixer as `MixerInputs.payload`."""
         return None
+
+    def update(self, state: MemoryState | None, segment: SegmentPass) -> MemoryState | None:
+        return None
+
+    def auxiliary_losses(self, state: MemoryState | None, segment: SegmentPass) -> dict[str, torch.Tensor]:
+        """Losses that train the memory's own parameters (named; logged separately; added to `loss`)."""
+        return {}
 
     def state_from_dict(self, data: dict[str, Any]) -> MemoryState | None:
         return None

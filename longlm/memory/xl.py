@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from longlm.memory.base import MemoryState, SegmentMemory
+from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass
 from longlm.memory.registry import MEMORIES
 
 
@@ -63,7 +63,8 @@ class XLMemory(SegmentMemory):
             return None
         return state.valid
 
-    def update(self, state: XLMemoryState | None, layer_inputs: list[torch.Tensor], token_mask: torch.Tensor | None):
+    def update(self, state: XLMemoryState | None, segment: SegmentPass) -> XLMemoryState:
+        layer_inputs, token_mask = segment.layer_inputs, segment.token_mask
         mem_len = self.config.mem_len
         batch, length = layer_inputs[0].shape[:2]
         device = layer_inputs[0].device

@@ -70,22 +70,26 @@ class CausalLMPretraining(L.LightningModule):
         memory = memory_for_segment(memory, batch)
         out = self.model(input_ids=batch["input_ids"], memory=memory, shift_labels=batch["labels"])
         next_memory = out.memory.detach() if out.memory is not None else None
-        return out.loss, next_memory
+        return out, next_memory
+
+    def _log_losses(self, out, batch: dict[str, Any], prefix: str) -> None:
+        """LM loss (and bits per token) as `<prefix>_loss`; each auxiliary loss under its own name."""
+        tokens = batch["labels"].numel()
+        self.log(f"{prefix}_loss", out.lm_loss, prog_bar=True, batch_size=tokens)
+        self.log(f"{prefix}_bits_per_token", out.lm_loss / math.log(2), batch_size=tokens)
+        for name, value in (out.aux_losses or {}).items():
+            self.log(f"{prefix}_{name}", value, batch_size=tokens)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, self.train_memory = self._segment_step(batch, self.train_memory)
+        out, self.train_memory = self._segment_step(batch, self.train_memory)
         self.next_train_segment = batch["segment"] + 1
-        tokens = batch["labels"].numel()
-        self.log("train_loss", loss, prog_bar=True, batch_size=tokens)
-        self.log("train_bits_per_token", loss / math.log(2), batch_size=tokens)
-        return loss
+        self._log_losses(out, batch, "train")
+        return out.loss
 
     def _eval_step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
-        loss, self.eval_memory = self._segment_step(batch, self.eval_memory)
-        tokens = batch["labels"].numel()
-        self.log(f"{prefix}_loss", loss, prog_bar=True, batch_size=tokens)
-        self.log(f"{prefix}_bits_per_token", loss / math.log(2), batch_size=tokens)
-        return loss
+        out, self.eval_memory = self._segment_step(batch, self.eval_memory)
+        self._log_losses(out, batch, prefix)
+        return out.lm_loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "val")
