@@ -222,14 +222,15 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Feed only the tokens the memory has not absorbed when the memory carries the context;
-        otherwise (no memory, or `mem_len=0`) feed the whole sequence again."""
+        otherwise feed the whole sequence again, with what the memory says each step reads
+        (`SegmentMemory.generation_memory`: nothing for most memories)."""
         memory = past_key_values if isinstance(past_key_values, MemoryState) else kwargs.get("memory")
         if memory is not None and self.model.memory.carries_context:
             seen = memory.num_tokens
             input_ids = input_ids[:, seen:]
             attention_mask = None if attention_mask is None else attention_mask[:, seen:]
         else:
-            memory = None
+            memory = self.model.memory.generation_memory(memory, input_ids.shape[0])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):

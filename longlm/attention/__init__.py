@@ -3,5 +3,6 @@ from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.registry import MIXERS
 from longlm.attention.full import FullAttention
 from longlm.attention.relative import RelativeAttention
+from longlm.attention.knn import KNNAttention
 
-__all__ = ["MIXERS", "MixerInputs", "TokenMixer", "FullAttention", "RelativeAttention"]
+__all__ = ["MIXERS", "MixerInputs", "TokenMixer", "FullAttention", "RelativeAttention", "KNNAttention"]

@@ -68,6 +68,11 @@ class RelativeAttention(TokenMixer):
         return relative_shift(raw, key_length)
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        return self.o_proj(self.merge_heads(self.attend_heads(hidden, inputs)[0]))
+
+    def attend_heads(self, hidden: torch.Tensor, inputs: MixerInputs):
+        """Per-head attention output (B, H, L, Dh) before `o_proj`, with the q (B, H, L, Dh) and the
+        k, v (B, H, M + L, Dh) it used (mixers built on this one, e.g. `knn`, combine per head)."""
         query_length = hidden.shape[1]
         q = self.split_heads(self.q_proj(hidden))
         kv = self.project_with_memory(self.kv_proj, hidden, inputs.memory)
@@ -87,4 +92,4 @@ class RelativeAttention(TokenMixer):
         out = attend(
             q + self.content_bias[:, None, :], k, v, mask=mask, bias=bias, causal=inputs.causal, dropout=dropout, scale=self.scale
         )
-        return self.o_proj(self.merge_heads(out))
+        return out, q, k, v

@@ -1,6 +1,8 @@
 """One skeleton block: token mixer + feed-forward with residuals, pre- or post-norm. Never names a mechanism."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -42,4 +44,4 @@ class LongLMBlock(nn.Module):
         """Pre-norm: memory holds this layer's raw inputs, so it goes through the same norm as the segment."""
         if inputs.memory is None:
             return inputs
-        return MixerInputs(self.mixer_norm(inputs.memory), inputs.key_mask, inputs.causal)
+        return dataclasses.replace(inputs, memory=self.mixer_norm(inputs.memory))  # keeps the payload

@@ -112,5 +112,10 @@ class SegmentMemory(nn.Module):
         """Losses that train the memory's own parameters (named; logged separately; added to `loss`)."""
         return {}
 
+    def generation_memory(self, state: MemoryState | None, batch_size: int) -> MemoryState | None:
+        """For memories that do not carry the context: the state each `generate()` step reads while the
+        whole sequence is fed again (RMT: the caller's read memory, frozen). Default: none."""
+        return None
+
     def state_from_dict(self, data: dict[str, Any]) -> MemoryState | None:
         return None

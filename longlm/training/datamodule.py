@@ -78,8 +78,16 @@ class LMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module if self.trainer is not None else None
         start = getattr(module, "next_train_segment", 0)
-        sampler = ResumableSegmentSampler(len(self.train_streams), start)
-        return DataLoader(SegmentDataset(self.train_streams), batch_size=None, sampler=sampler, generator=_private_generator())
+        # BPTT through k segments: each item is k consecutive segments, consumed by one training step
+        depth = getattr(module, "segments_per_step", 1)
+        dataset = SegmentDataset(self.train_streams, group=depth)
+        if len(dataset) == 0:
+            raise ValueError(
+                f"The training split has {len(self.train_streams)} segments, fewer than one group of "
+                f"bptt_depth={depth}; use a smaller batch_size, tgt_len or bptt_depth, or more data."
+            )
+        sampler = ResumableSegmentSampler(len(dataset), start // depth)
+        return DataLoader(dataset, batch_size=None, sampler=sampler, generator=_private_generator())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

@@ -1,7 +1,9 @@
 """`CausalLMPretraining`: segment-recurrent LM training of any longlm preset.
 
 Each training step feeds the next segment of every stream and keeps the memory the model returns for the
-step after (the Transformer-XL recipe). Checkpoints carry that memory, the position in the streams, the RNG
+step after (the Transformer-XL recipe). With `config.bptt_depth` k > 1 (RMT) a step feeds the next k segments,
+keeps the graph through the memory between them, backpropagates their mean loss once and detaches the
+memory it carries to the next step. Checkpoints carry that memory, the position in the streams, the RNG
 state and the tokenizer, so a resumed run takes exactly the step an uninterrupted run would have taken and
 `scripts/export.py` can write an HF folder from the checkpoint alone.
 """
@@ -65,30 +67,56 @@ class CausalLMPretraining(L.LightningModule):
         self.next_train_segment = 0
         self.tokenizer = None  # attached by the data module at fit start, saved with checkpoints
 
+    @property
+    def segments_per_step(self) -> int:
+        """Consecutive segments one training step takes (the data module groups them): `bptt_depth`."""
+        return self.model.config.bptt_depth
+
     # --- steps -----------------------------------------------------------------------------------------
-    def _segment_step(self, batch: dict[str, Any], memory: MemoryState | None):
+    def _segment_step(self, batch: dict[str, Any], memory: MemoryState | None, detach: bool = True):
         memory = memory_for_segment(memory, batch)
         out = self.model(input_ids=batch["input_ids"], memory=memory, shift_labels=batch["labels"])
-        next_memory = out.memory.detach() if out.memory is not None else None
+        next_memory = out.memory.detach() if out.memory is not None and detach else out.memory
         return out, next_memory
 
-    def _log_losses(self, out, batch: dict[str, Any], prefix: str) -> None:
+    def _bptt_window(self, segments: list[dict[str, Any]], memory: MemoryState | None):
+        """Consecutive segments of the same streams with the memory kept in the graph between them (so the
+        loss of the last one reaches the first through the memory); the memory after the last is detached."""
+        outs = []
+        for index, batch in enumerate(segments):
+            out, memory = self._segment_step(batch, memory, detach=index == len(segments) - 1)
+            outs.append(out)
+        return outs, memory
+
+    def _log_losses(self, prefix: str, lm_loss: torch.Tensor, aux_losses: dict[str, torch.Tensor] | None, tokens: int) -> None:
         """LM loss (and bits per token) as `<prefix>_loss`; each auxiliary loss under its own name."""
-        tokens = batch["labels"].numel()
-        self.log(f"{prefix}_loss", out.lm_loss, prog_bar=True, batch_size=tokens)
-        self.log(f"{prefix}_bits_per_token", out.lm_loss / math.log(2), batch_size=tokens)
-        for name, value in (out.aux_losses or {}).items():
+        self.log(f"{prefix}_loss", lm_loss, prog_bar=True, batch_size=tokens)
+        self.log(f"{prefix}_bits_per_token", lm_loss / math.log(2), batch_size=tokens)
+        for name, value in (aux_losses or {}).items():
             self.log(f"{prefix}_{name}", value, batch_size=tokens)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out, self.train_memory = self._segment_step(batch, self.train_memory)
-        self.next_train_segment = batch["segment"] + 1
-        self._log_losses(out, batch, "train")
-        return out.loss
+    def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        """One segment, or (with `bptt_depth` k > 1) a list of k consecutive segments whose mean loss is
+        backpropagated once through the memory carried between them (truncated BPTT over k segments)."""
+        if isinstance(batch, dict):
+            out, self.train_memory = self._segment_step(batch, self.train_memory)
+            self.next_train_segment = batch["segment"] + 1
+            self._log_losses("train", out.lm_loss, out.aux_losses, batch["labels"].numel())
+            return out.loss
+        outs, self.train_memory = self._bptt_window(batch, self.train_memory)
+        self.next_train_segment = batch[-1]["segment"] + 1
+
+        def mean(values) -> torch.Tensor:  # training segments all have tgt_len tokens, so this is the token mean
+            return torch.stack(list(values)).mean()
+
+        aux = {name: mean(o.aux_losses[name] for o in outs) for name in outs[0].aux_losses or {}}
+        tokens = sum(b["labels"].numel() for b in batch)
+        self._log_losses("train", mean(o.lm_loss for o in outs), aux, tokens)
+        return mean(o.loss for o in outs)
 
     def _eval_step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
         out, self.eval_memory = self._segment_step(batch, self.eval_memory)
-        self._log_losses(out, batch, prefix)
+        self._log_losses(prefix, out.lm_loss, out.aux_losses, batch["labels"].numel())
         return out.lm_loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

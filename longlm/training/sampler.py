@@ -9,16 +9,26 @@ from longlm.data.streams import SegmentStreams
 
 
 class SegmentDataset(Dataset):
-    """Item k is the whole batch for segment k (used with `DataLoader(batch_size=None)`)."""
+    """Item k is the whole batch for segment k (used with `DataLoader(batch_size=None)`).
 
-    def __init__(self, streams: SegmentStreams) -> None:
-        self.streams = streams
+    With `group` g > 1 (truncated BPTT through g segments), item k is the list of the g consecutive
+    segment batches g*k, ..., g*k + g - 1; a last incomplete group is dropped.
+    """
+
+    def __init__(self, streams: SegmentStreams, group: int = 1) -> None:
+        if not isinstance(group, int) or group < 1:
+            raise ValueError(f"group must be a positive integer, got {group!r}.")
+        self.streams, self.group = streams, group
 
     def __len__(self) -> int:
-        return len(self.streams)
+        return len(self.streams) // self.group
 
     def __getitem__(self, index: int):
-        return self.streams.segment(index)
+        if self.group == 1:
+            return self.streams.segment(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"segment group {index} out of range [0, {len(self)})")
+        return [self.streams.segment(index * self.group + i) for i in range(self.group)]
 
 
 class ResumableSegmentSampler(Sampler[int]):
