@@ -20,8 +20,8 @@ segment*. Every step re-feeds that whole segment with the same read memory: the 
 `generate(..., memory=state)` (the memory written after the earlier segments, e.g. by forwarding them one
 by one), or the learned initial memory when none is passed. Nothing is written mid-generation, because the
 current segment is not finished; to go on after it, forward the finished text as a segment and pass the
-memory it returns. The model reaches this through `generation_memory`, which its
-`prepare_inputs_for_generation` calls for memories that define it.
+memory it returns. The model reaches this through `generation_memory` (the `SegmentMemory` hook that
+`prepare_inputs_for_generation` calls for memories that do not carry the context).
 """
 from __future__ import annotations
 
