@@ -77,7 +77,7 @@ def search_torch(queries: torch.Tensor, store: KNNStore, top_k: int) -> tuple[to
     with torch.no_grad():
         for start in range(0, length, chunk):
             scores = torch.einsum("bhld,bhsd->bhls", queries[:, :, start : start + chunk], store.keys.to(queries.dtype))
-            scores = scores.masked_fill(invalid, float("-inf"))
+            scores.masked_fill_(invalid, float("-inf"))  # in place: a fresh block, no autograd here
             best, index = scores.topk(k, dim=-1)
             indices.append(index)
             found.append(best > float("-inf"))
