@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from longlm import LongLMConfig, LongLMForCausalLM
+from tests.remote_code_check import run_remote
+from longlm import LongLMForCausalLM
 from longlm.memory.compressive import CompressiveMemoryState
 from tests.paths import ENWIK8_SAMPLE, REPO, requires_shared_data
 
@@ -249,24 +250,6 @@ def test_save_pretrained_then_from_pretrained(tiny_config, tmp_path):
     assert m1.compressed[0].shape[1] > 0
 
 
-REMOTE_SCRIPT = """
-import sys
-sys.modules["longlm"] = None  # the installed package cannot be used
-import torch
-from transformers import AutoModelForCausalLM
-folder = sys.argv[1]
-data = torch.load(folder + "/inputs.pt")
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-memory, logits = None, []
-with torch.no_grad():
-    for ids in data["segments"]:
-        out = model(ids, memory=memory)
-        memory = out.memory
-        logits.append(out.logits)
-torch.save({"logits": logits, "module": type(model).__module__, "memory": type(memory).__name__}, folder + "/outputs.pt")
-"""
-
-
 def test_trust_remote_code_loads_without_longlm(tiny_config, tmp_path):
     config = _config(tiny_config)
     model = LongLMForCausalLM(config).eval()
@@ -281,15 +264,8 @@ def test_trust_remote_code_loads_without_longlm(tiny_config, tmp_path):
             out = model(ids, memory=memory)
             memory = out.memory
             expected.append(out.logits)
-    torch.save({"segments": segments}, save_dir / "inputs.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(save_dir)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = torch.load(save_dir / "outputs.pt")
-    assert outputs["module"].startswith("transformers_modules") and outputs["memory"] == "CompressiveMemoryState"
+    outputs = run_remote(save_dir, segments, tmp_path)
+    assert outputs["memory_type"] == "CompressiveMemoryState"
     for got, want in zip(outputs["logits"], expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -6,13 +6,13 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.remote_code_check import run_remote
 from longlm import LongLMConfig, LongLMForCausalLM
 from longlm.attention.base import MixerInputs
 from longlm.attention.knn import KNNAttention, KNNStore, search_faiss, search_torch
@@ -185,7 +185,7 @@ def test_store_holds_last_pairs_and_reset_rows_clears_only_those_rows(knn_config
     assert memory.keys[0].shape == (3, config.num_attention_heads, 20, config.head_dim) and bool(memory.store_valid.all())
     # the store is the last 20 (unit key, value) pairs of the knn layer, recomputed here from layer inputs
     with torch.no_grad():
-        out, mem = None, None
+        mem = None
         inputs = []
         for ids in segments:
             o = model(ids, memory=mem, output_hidden_states=True)
@@ -300,27 +300,6 @@ def test_save_and_from_pretrained_give_identical_logits(knn_config, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["longlm"] = None
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = sys.argv[1]
-    data = torch.load(folder + "/inputs.pt")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    memory, logits = None, []
-    with torch.no_grad():
-        for ids in data["segments"]:
-            out = model(ids, memory=memory)
-            memory = out.memory
-            logits.append(out.logits)
-    torch.save({"logits": logits, "module": type(model).__module__, "faiss": "faiss" in sys.modules}, folder + "/outputs.pt")
-    """
-)
-
-
 def test_trust_remote_code_loads_without_longlm(knn_config, tmp_path):
     config = knn_config()
     model = _model(config, dtype=torch.float32)
@@ -328,13 +307,8 @@ def test_trust_remote_code_loads_without_longlm(knn_config, tmp_path):
     model.save_pretrained(folder)
     assert (folder / "attention_knn.py").exists() and (folder / "memory_knn.py").exists()
     segments = [_ids(config, 2, SEG) for _ in range(3)]
-    torch.save({"segments": segments}, folder / "inputs.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(folder / "outputs.pt")
-    assert not remote["module"].startswith("longlm") and not remote["faiss"]
+    remote = run_remote(folder, segments, tmp_path)
+    assert not remote["faiss_imported"]
     for a, b in zip(_run(model, segments)[0], remote["logits"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

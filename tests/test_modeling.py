@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -14,6 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import longlm  # noqa: F401  (registers the Auto classes)
+from tests.remote_code_check import run_remote
 from longlm import LongLMConfig, LongLMForCausalLM, LongLMModel
 from longlm.layers.block import LongLMBlock
 
@@ -116,36 +113,6 @@ def test_save_pretrained_then_auto_from_pretrained(tiny_config, tmp_path, preset
     assert type(AutoConfig.from_pretrained(tmp_path)) is LongLMConfig
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["longlm"] = None  # make sure the installed package cannot be used
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = sys.argv[1]
-    data = torch.load(folder + "/inputs.pt")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    with torch.no_grad():
-        first = model(data["ids_a"])
-        second = model(data["ids_b"], memory=first.memory)
-        # a model loaded as remote code can be saved again and still loads as remote code
-        model.save_pretrained(folder + "/resaved")
-        again = AutoModelForCausalLM.from_pretrained(folder + "/resaved", trust_remote_code=True).eval()
-        resaved = again(data["ids_a"]).logits
-    torch.save(
-        {
-            "logits_a": first.logits,
-            "logits_b": second.logits,
-            "logits_resaved": resaved,
-            "module": type(model).__module__,
-        },
-        folder + "/outputs.pt",
-    )
-    """
-)
-
-
 def test_trust_remote_code_loads_without_longlm(tiny_config, tmp_path):
     config = tiny_config()
     model = _model(config, dtype=torch.float32)
@@ -161,24 +128,10 @@ def test_trust_remote_code_loads_without_longlm(tiny_config, tmp_path):
     with torch.no_grad():
         out_a = model(ids_a)
         out_b = model(ids_b, memory=out_a.memory)
-    torch.save({"ids_a": ids_a, "ids_b": ids_b}, save_dir / "inputs.pt")
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(save_dir)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = torch.load(save_dir / "outputs.pt")
-    assert outputs["module"].startswith("transformers_modules")
-    torch.testing.assert_close(outputs["logits_a"], out_a.logits, rtol=0, atol=0)
-    torch.testing.assert_close(outputs["logits_b"], out_b.logits, rtol=0, atol=0)
-    torch.testing.assert_close(outputs["logits_resaved"], out_a.logits, rtol=0, atol=0)
+    outputs = run_remote(save_dir, [ids_a, ids_b], tmp_path)
+    torch.testing.assert_close(outputs["logits"][0], out_a.logits, rtol=0, atol=0)
+    torch.testing.assert_close(outputs["logits"][1], out_b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(outputs["resaved_first_logits"], out_a.logits, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------

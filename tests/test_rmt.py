@@ -1,10 +1,6 @@
 """`rmt` (Recurrent Memory Transformer): memory tokens read/written per segment, BPTT over k segments."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import lightning as L
 import numpy as np
@@ -12,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from tests.remote_code_check import run_remote
 from longlm import LongLMConfig, LongLMForCausalLM
 from longlm.data.streams import SegmentStreams
 from longlm.memory.rmt import RMTMemoryState
@@ -170,24 +167,6 @@ def test_save_and_from_pretrained_give_identical_logits(tmp_path):
         )
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["longlm"] = None  # the installed package must not be used
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = sys.argv[1]
-    data = torch.load(folder + "/inputs.pt")
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    with torch.no_grad():
-        first = model(data["ids_a"])
-        second = model(data["ids_b"], memory=first.memory)
-    torch.save({"logits_b": second.logits, "module": type(model).__module__}, folder + "/outputs.pt")
-    """
-)
-
-
 def test_trust_remote_code_loads_without_longlm(tmp_path):
     model = _model()
     folder = tmp_path / "model"
@@ -196,16 +175,8 @@ def test_trust_remote_code_loads_without_longlm(tmp_path):
     ids_a, ids_b = _ids(seed=1), _ids(seed=2)
     with torch.no_grad():
         expected = model(ids_b, memory=model(ids_a).memory).logits
-    torch.save({"ids_a": ids_a, "ids_b": ids_b}, folder / "inputs.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = torch.load(folder / "outputs.pt")
-    assert outputs["module"].startswith("transformers_modules")
-    torch.testing.assert_close(outputs["logits_b"], expected, rtol=0, atol=0)
+    outputs = run_remote(folder, [ids_a, ids_b], tmp_path)
+    torch.testing.assert_close(outputs["logits"][1], expected, rtol=0, atol=0)
 
 
 def _greedy_by_hand(model, ids, steps, memory=None):
