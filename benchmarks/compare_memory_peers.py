@@ -59,11 +59,11 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from compare_xtransformers import CLEAN_OTHERS_FRACTION, make_step as xl_segment_step  # noqa: E402
+from side_by_side import print_tables, ratio_row, summary_entry  # noqa: E402
 from train_throughput import (  # noqa: E402
     DEFAULT_DATA,
     available_cores,
     environment,
-    format_table,
     num_params,
     real_byte_tokens,
     rss_mb,
@@ -465,81 +465,29 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"# {pair:>11} memory {impl:>36} len {total_len:>5}: {row['peak_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
             by_impl = {}
             for row in run["rows"]:
-                entry = {
-                    "pair": pair,
-                    "impl": row["impl"],
-                    "total_len": total_len,
-                    "segments": segments_of(args, total_len),
-                    "params": row["params"],
-                    "tokens_per_s": row["tokens_per_s"],
-                    "tokens_per_s_best": row["tokens_per_s_best"],
-                    "tokens_per_s_clean": row["tokens_per_s_clean"],
-                    "clean_steps": row["clean_steps"],
-                    "peak_mem_mb": mem[row["impl"]]["peak_mem_mb"] if mem else float("nan"),
-                    "timed_steps": row["steps"],
-                    "final_loss": row["final_loss"],
-                }
+                peak = mem[row["impl"]]["peak_mem_mb"] if mem else float("nan")
+                entry = summary_entry(row, total_len, segments_of(args, total_len), peak, pair=pair)
                 summary.append(entry)
                 by_impl[row["impl"]] = entry
             ours, theirs = (by_impl[impl] for impl in PAIRS[pair])
             ratios.append(
-                {
-                    "pair": pair,
-                    "total_len": total_len,
-                    "ours_tok_s": ours["tokens_per_s"],
-                    "theirs_tok_s": theirs["tokens_per_s"],
-                    "speed_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-                    "speed_ratio_best": ours["tokens_per_s_best"] / theirs["tokens_per_s_best"],
-                    "speed_ratio_pairs": median(run["pair_speed_ratios"]),
-                    "speed_ratio_clean": ours["tokens_per_s_clean"] / theirs["tokens_per_s_clean"],
-                    "ours_mem_mb": ours["peak_mem_mb"],
-                    "theirs_mem_mb": theirs["peak_mem_mb"],
-                    "mem_ratio": ours["peak_mem_mb"] / theirs["peak_mem_mb"],
-                    "ours_params": ours["params"],
-                    "theirs_params": theirs["params"],
-                }
+                ratio_row(
+                    ours,
+                    theirs,
+                    run["pair_speed_ratios"],
+                    pair=pair,
+                    ours_tok_s=ours["tokens_per_s"],
+                    theirs_tok_s=theirs["tokens_per_s"],
+                    ours_params=ours["params"],
+                    theirs_params=theirs["params"],
+                )
             )
-    memory_header = "peak MB (CUDA alloc)" if device.startswith("cuda") else "peak RSS growth MB"
     print(
         f"device={device} threads={threads} nproc={available_cores()} cpu={env['cpu']} torch={env['torch']} "
         + " ".join(f"{k}={env[k]}" for k in PEER_PACKAGES)
         + f" segment={args.segment} batch={args.batch} steps={args.steps} warmup={args.warmup}"
     )
-    print(
-        format_table(
-            summary,
-            [
-                ("pair", "pair", ""),
-                ("impl", "impl", ""),
-                ("total len", "total_len", "d"),
-                ("segments", "segments", "d"),
-                ("params", "params", ","),
-                ("tokens/s (median step)", "tokens_per_s", ".0f"),
-                ("tokens/s (best step)", "tokens_per_s_best", ".0f"),
-                ("tokens/s (clean steps)", "tokens_per_s_clean", ".0f"),
-                ("clean steps", "clean_steps", "d"),
-                (memory_header, "peak_mem_mb", ".0f"),
-                ("timed steps", "timed_steps", "d"),
-            ],
-        )
-    )
-    print()
-    print(
-        format_table(
-            ratios,
-            [
-                ("pair", "pair", ""),
-                ("total len", "total_len", "d"),
-                ("ours/theirs speed (median)", "speed_ratio", ".2f"),
-                ("(best)", "speed_ratio_best", ".2f"),
-                ("(median of step pairs)", "speed_ratio_pairs", ".2f"),
-                ("(clean steps)", "speed_ratio_clean", ".2f"),
-                ("ours MB", "ours_mem_mb", ".0f"),
-                ("theirs MB", "theirs_mem_mb", ".0f"),
-                ("ours/theirs memory", "mem_ratio", ".2f"),
-            ],
-        )
-    )
+    print_tables(summary, ratios, device, lead=[("pair", "pair", "")])
     print(f"# wall time {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
     result = {
         "benchmark": "compare_memory_peers",

@@ -48,12 +48,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from side_by_side import print_tables, ratio_row, summary_entry  # noqa: E402
 from train_throughput import (  # noqa: E402
     DEFAULT_DATA,
     real_byte_tokens,
     available_cores,
     environment,
-    format_table,
     num_params,
     rss_mb,
     run_in_subprocess,
@@ -312,76 +312,25 @@ def main(argv: list[str] | None = None) -> None:
         by_impl = {}
         for row in speed[total_len]["rows"]:
             mem = memory.get((row["impl"], total_len))
-            entry = {
-                "impl": row["impl"],
-                "total_len": total_len,
-                "segments": -(-total_len // args.segment),
-                "params": row["params"],
-                "tokens_per_s": row["tokens_per_s"],
-                "tokens_per_s_best": row["tokens_per_s_best"],
-                "tokens_per_cpu_s": row["tokens_per_cpu_s"],
-                "tokens_per_s_clean": row["tokens_per_s_clean"],
-                "clean_steps": row["clean_steps"],
-                "peak_mem_mb": mem["peak_mem_mb"] if mem else float("nan"),
-                "timed_steps": row["steps"],
-                "final_loss": row["final_loss"],
-            }
+            entry = summary_entry(
+                row,
+                total_len,
+                -(-total_len // args.segment),
+                mem["peak_mem_mb"] if mem else float("nan"),
+                tokens_per_cpu_s=row["tokens_per_cpu_s"],
+            )
             summary.append(entry)
             by_impl[row["impl"]] = entry
         ours, theirs = by_impl["longlm"], by_impl["x-transformers"]
         ratios.append(
-            {
-                "total_len": total_len,
-                "ours": ours["tokens_per_s"],
-                "theirs": theirs["tokens_per_s"],
-                "speed_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-                "speed_ratio_best": ours["tokens_per_s_best"] / theirs["tokens_per_s_best"],
-                "speed_ratio_pairs": median(speed[total_len]["pair_speed_ratios"]),
-                "speed_ratio_clean": ours["tokens_per_s_clean"] / theirs["tokens_per_s_clean"],
-                "ours_mem_mb": ours["peak_mem_mb"],
-                "theirs_mem_mb": theirs["peak_mem_mb"],
-                "mem_ratio": ours["peak_mem_mb"] / theirs["peak_mem_mb"],
-            }
+            ratio_row(ours, theirs, speed[total_len]["pair_speed_ratios"], ours=ours["tokens_per_s"], theirs=theirs["tokens_per_s"])
         )
-    memory_header = "peak MB (CUDA alloc)" if device.startswith("cuda") else "peak RSS growth MB"
     print(
         f"device={device} threads={threads} nproc={available_cores()} cpu={env['cpu']} torch={env['torch']} "
         f"x-transformers={env['x_transformers']} segment={args.segment} mem={args.mem_len} batch={args.batch} "
         f"steps={args.steps} warmup={args.warmup}"
     )
-    print(
-        format_table(
-            summary,
-            [
-                ("impl", "impl", ""),
-                ("total len", "total_len", "d"),
-                ("segments", "segments", "d"),
-                ("params", "params", ","),
-                ("tokens/s (median step)", "tokens_per_s", ".0f"),
-                ("tokens/s (best step)", "tokens_per_s_best", ".0f"),
-                ("tokens/s (clean steps)", "tokens_per_s_clean", ".0f"),
-                ("clean steps", "clean_steps", "d"),
-                (memory_header, "peak_mem_mb", ".0f"),
-                ("timed steps", "timed_steps", "d"),
-            ],
-        )
-    )
-    print()
-    print(
-        format_table(
-            ratios,
-            [
-                ("total len", "total_len", "d"),
-                ("ours/theirs speed (median)", "speed_ratio", ".2f"),
-                ("(best)", "speed_ratio_best", ".2f"),
-                ("(median of step pairs)", "speed_ratio_pairs", ".2f"),
-                ("(clean steps)", "speed_ratio_clean", ".2f"),
-                ("ours MB", "ours_mem_mb", ".0f"),
-                ("theirs MB", "theirs_mem_mb", ".0f"),
-                ("ours/theirs memory", "mem_ratio", ".2f"),
-            ],
-        )
-    )
+    print_tables(summary, ratios, device)
     print(f"# wall time {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
     result = {"benchmark": "compare_xtransformers", "env": env, "args": vars(args), "summary": summary, "ratios": ratios}
     result["speed_runs"] = list(speed.values())
