@@ -59,14 +59,13 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from compare_xtransformers import CLEAN_OTHERS_FRACTION, make_step as xl_segment_step  # noqa: E402
-from side_by_side import print_tables, ratio_row, summary_entry  # noqa: E402
+from side_by_side import measure_peak_memory, print_tables, ratio_row, summary_entry  # noqa: E402
 from train_throughput import (  # noqa: E402
     DEFAULT_DATA,
     available_cores,
     environment,
     num_params,
     real_byte_tokens,
-    rss_mb,
     run_in_subprocess,
     setup_torch,
     sync,
@@ -357,22 +356,14 @@ def memory_worker(args: argparse.Namespace, pair: str, impl: str, total_len: int
     torch, threads, device = setup_torch(args.threads, args.device)
     torch.manual_seed(args.seed)
     data = sequences(args, args.mem_steps, total_len, device)
-    rss_before = rss_mb()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model, run, info = build(pair, impl, args, device, total_len)
-    times = []
-    for step in range(args.mem_steps):
-        sync(torch, device)
-        t0 = time.perf_counter()
-        run(data[step])
-        sync(torch, device)
-        times.append(time.perf_counter() - t0)
-    if device.startswith("cuda"):
-        peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    else:
-        peak, kind = rss_mb() - rss_before, "cpu_peak_rss_growth"
+    built = {}
+
+    def build_step():
+        built["model"], run, built["info"] = build(pair, impl, args, device, total_len)
+        return run
+
+    peak, kind, times = measure_peak_memory(torch, device, build_step, data)
+    info = built["info"]
     for fn in info.pop("cleanup", []):
         fn()
     return {"pair": pair, "impl": impl, "total_len": total_len, "peak_mem_mb": peak, "memory_kind": kind, "step_s": times}

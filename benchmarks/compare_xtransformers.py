@@ -48,14 +48,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from side_by_side import print_tables, ratio_row, summary_entry  # noqa: E402
+from side_by_side import measure_peak_memory, print_tables, ratio_row, summary_entry  # noqa: E402
 from train_throughput import (  # noqa: E402
     DEFAULT_DATA,
     real_byte_tokens,
     available_cores,
     environment,
     num_params,
-    rss_mb,
     run_in_subprocess,
     setup_torch,
     sync,
@@ -219,23 +218,12 @@ def memory_worker(args: argparse.Namespace, impl: str, total_len: int) -> dict[s
     data = real_byte_tokens(args.data, args.mem_steps * args.batch, total_len + 1, device).view(
         args.mem_steps, args.batch, total_len + 1
     )
-    rss_before = rss_mb()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model, optimizer = build(impl, args, device)
-    run = make_step(impl, model, optimizer, args, total_len)
-    times = []
-    for step in range(args.mem_steps):
-        sync(torch, device)
-        t0 = time.perf_counter()
-        run(data[step])
-        sync(torch, device)
-        times.append(time.perf_counter() - t0)
-    if device.startswith("cuda"):
-        peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    else:
-        peak, kind = rss_mb() - rss_before, "cpu_peak_rss_growth"
+
+    def build_step():
+        model, optimizer = build(impl, args, device)
+        return make_step(impl, model, optimizer, args, total_len)
+
+    peak, kind, times = measure_peak_memory(torch, device, build_step, data)
     return {"impl": impl, "total_len": total_len, "peak_mem_mb": peak, "memory_kind": kind, "step_s": times}
 
 

@@ -1,10 +1,31 @@
 """Rows and tables shared by the side-by-side benchmarks (ours vs a peer, steps interleaved in one run)."""
 from __future__ import annotations
 
+import time
 from statistics import median
-from typing import Any
+from typing import Any, Callable
 
-from train_throughput import format_table
+from train_throughput import format_table, rss_mb, sync
+
+
+def measure_peak_memory(torch, device: str, build_step: Callable[[], Callable], data) -> tuple[float, str, list[float]]:
+    """(peak MB, what kind of peak, step seconds) of building a model with `build_step()` and running its
+    step on each of `data`: CUDA's max allocation, or on CPU the growth of this process's peak RSS."""
+    rss_before = rss_mb()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    run = build_step()
+    times = []
+    for batch in data:
+        sync(torch, device)
+        t0 = time.perf_counter()
+        run(batch)
+        sync(torch, device)
+        times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated", times
+    return rss_mb() - rss_before, "cpu_peak_rss_growth", times
 
 
 def summary_entry(row: dict[str, Any], total_len: int, segments: int, peak_mem_mb: float, **extra: Any) -> dict[str, Any]:
