@@ -13,6 +13,8 @@ from longlm.attention import MIXERS
 from longlm.memory import MEMORIES
 
 POSITION_EMBEDDING_TYPES = ("none", "rotary")  # "relative" positions belong to the relative mixer
+# mixer name -> config field listing the layers that use it instead of `mixer`
+LAYER_MIXER_FIELDS = {"knn": "knn_layers", "routing": "routing_layers"}
 
 
 class LongLMConfig(PretrainedConfig):
@@ -58,6 +60,27 @@ class LongLMConfig(PretrainedConfig):
     # Recurrent Memory Transformer (Bulatov et al. 2022)
     num_memory_tokens: int = 0
     bptt_depth: int = 1
+    # Longformer (Beltagy et al. 2020), mixer `sliding`: total window (one int, or one per layer; each
+    # token sees attention_window // 2 keys on each side), dilation (one int, or one per head)
+    attention_window: Any = 512
+    attention_dilation: Any = 1
+    # BigBird (Zaheer et al. 2020), mixer `block_sparse`: block size, random blocks per query block, seed
+    # of the (fixed) random plan
+    block_size: int = 64
+    num_random_blocks: int = 3
+    random_blocks_seed: int = 0
+    # Reformer (Kitaev et al. 2020), mixer `lsh`
+    num_buckets: int = 32
+    num_hashes: int = 1
+    lsh_chunk_length: int = 64
+    # Routing Transformer (Roy et al. 2021), mixer `routing` in `routing_layers` (others keep `mixer`)
+    routing_layers: list[int] | None = None
+    num_clusters: int = 8
+    num_routing_heads: int = 2
+    kmeans_decay: float = 0.999
+    # skeleton options (Reformer): reversible residual blocks, feed-forward computed in chunks of tokens
+    reversible: bool = False
+    feed_forward_chunk_size: int = 0
     is_decoder: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
@@ -72,10 +95,11 @@ class LongLMConfig(PretrainedConfig):
 
     @property
     def mixers(self) -> list[str]:
-        """One mixer name per layer (`knn_layers` put the `knn` mixer in those layers)."""
+        """One mixer name per layer (`knn_layers` / `routing_layers` put that mixer in those layers)."""
         names = [self.mixer] * self.num_hidden_layers if isinstance(self.mixer, str) else list(self.mixer)
-        for index in self.knn_layers or []:
-            names[index] = "knn"
+        for name, layers in LAYER_MIXER_FIELDS.items():
+            for index in getattr(self, layers) or []:
+                names[index] = name
         return names
 
     def _check(self) -> None:
@@ -106,11 +130,26 @@ class LongLMConfig(PretrainedConfig):
             raise ValueError(
                 f"LongLMConfig.mixer lists {len(self.mixer)} mixers but num_hidden_layers is {self.num_hidden_layers}."
             )
-        for index in self.knn_layers or []:
-            if not isinstance(index, int) or not 0 <= index < self.num_hidden_layers:
-                raise ValueError(
-                    f"LongLMConfig.knn_layers holds {index!r}, not a layer index in [0, {self.num_hidden_layers})."
-                )
+        for field in LAYER_MIXER_FIELDS.values():
+            for index in getattr(self, field) or []:
+                if not isinstance(index, int) or not 0 <= index < self.num_hidden_layers:
+                    raise ValueError(
+                        f"LongLMConfig.{field} holds {index!r}, not a layer index in [0, {self.num_hidden_layers})."
+                    )
+        if set(self.knn_layers or []) & set(self.routing_layers or []):
+            raise ValueError("LongLMConfig.knn_layers and routing_layers name the same layer; a layer has one mixer.")
+        if not isinstance(self.feed_forward_chunk_size, int) or self.feed_forward_chunk_size < 0:
+            raise ValueError(
+                f"LongLMConfig.feed_forward_chunk_size must be a non-negative integer (0 = no chunking), "
+                f"got {self.feed_forward_chunk_size!r}."
+            )
+        if self.reversible and not self.pre_norm:
+            raise ValueError("LongLMConfig.reversible=True needs pre_norm=True: a post-norm block cannot be inverted.")
+        if self.reversible and self.memory != "none":
+            raise ValueError(
+                f"LongLMConfig.reversible=True stores no per-layer activations, so it needs memory='none', "
+                f"got memory='{self.memory}'."
+            )
         for name in sorted(set(self.mixers)):
             MIXERS.get(name).check_config(self)  # unknown names raise with the list of valid ones
         MEMORIES.get(self.memory).check_config(self)

@@ -114,27 +114,46 @@ class LongLMModel(LongLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        global_attention_mask: torch.Tensor | None = None,
+        document_starts: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> LongLMModelOutput:
+        """`global_attention_mask` (B, L): 1 on tokens with global attention (Longformer's convention; read by
+        the mixers that have global tokens). `document_starts` (B, L): True on tokens that begin a new
+        document inside the segment (read by memories that must forget at document ends)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        tokens_shape = tuple(inputs_embeds.shape[:2])
+        for name, tensor in (("attention_mask", attention_mask), ("global_attention_mask", global_attention_mask), ("document_starts", document_starts)):
+            if tensor is not None and tuple(tensor.shape) != tokens_shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the shape of input_ids, {tokens_shape}.")
         hidden = self.dropout(inputs_embeds * self.embed_scale)
         hidden, before, after = self.memory.extend_inputs(memory, hidden)
         batch, length = hidden.shape[:2]
-        full_mask = attention_mask
-        if attention_mask is not None and (before or after):
-            full_mask = F.pad(attention_mask, (before, after), value=1)
-        key_mask = self._key_mask(memory, full_mask, batch, length, hidden.device)
+
+        def extended(mask: torch.Tensor | None, fill: bool) -> torch.Tensor | None:
+            """A (B, L) token mask over the extended sequence (tokens the memory added get `fill`)."""
+            return mask if mask is None or not (before or after) else F.pad(mask.long(), (before, after), value=int(fill))
+
+        key_mask = self._key_mask(memory, extended(attention_mask, True), batch, length, hidden.device)
+        global_mask = extended(global_attention_mask, False)
+        starts = extended(document_starts, False)
+        global_mask = None if global_mask is None or not bool(global_mask.any()) else global_mask.bool()
+        starts = None if starts is None else starts.bool()
         layer_inputs: list[torch.Tensor] = []
         for layer_idx, layer in enumerate(self.layers):
             context, _ = self.memory.context(memory, layer_idx)
             payload = self.memory.mixer_payload(memory, layer_idx)
             layer_inputs.append(hidden)
-            hidden = layer(hidden, MixerInputs(context, key_mask, causal=self.config.is_decoder, payload=payload))
+            mixer_inputs = MixerInputs(
+                context, key_mask, causal=self.config.is_decoder, payload=payload, global_mask=global_mask, document_starts=starts
+            )
+            hidden = layer(hidden, mixer_inputs)
         hidden = self.dropout(self.final_norm(hidden))
-        segment = SegmentPass(layer_inputs, hidden, attention_mask, [layer.block.mixer for layer in self.layers])
+        mixers = [layer.block.mixer for layer in self.layers]
+        segment = SegmentPass(layer_inputs, hidden, attention_mask, mixers, document_starts=starts)
         new_memory = self.memory.update(memory, segment)
         aux_losses = self.memory.auxiliary_losses(memory, segment) if self.training else {}
         all_hidden = tuple(layer_inputs) + (hidden,) if output_hidden_states else None
@@ -183,6 +202,8 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        global_attention_mask: torch.Tensor | None = None,
+        document_starts: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> LongLMCausalLMOutput:
         outputs = self.model(
@@ -191,6 +212,8 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             memory=memory,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            global_attention_mask=global_attention_mask,
+            document_starts=document_starts,
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep:

@@ -113,3 +113,86 @@ PRESETS.register("rmt")(
         position_embedding_type="none",
     )
 )
+
+# Beltagy et al. 2020, the small enwik8 character LM: 12 layers, d=512, 8 heads, sliding-window attention
+# (window per layer: the base config sets the paper's schedule, growing with depth), global attention
+# wherever the caller's `global_attention_mask` asks for it.
+PRESETS.register("longformer")(
+    dict(
+        mixer="sliding",
+        memory="none",
+        attention_window=512,
+        attention_dilation=1,
+        num_hidden_layers=12,
+        hidden_size=512,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        pre_norm=True,
+        position_embedding_type="rotary",
+    )
+)
+
+# Zaheer et al. 2020 (ITC): BERT-base sized, block size 64, 3 random blocks per query block, the first and
+# last blocks global; 3 sliding blocks around each query block.
+PRESETS.register("bigbird")(
+    dict(
+        mixer="block_sparse",
+        memory="none",
+        block_size=64,
+        num_random_blocks=3,
+        num_hidden_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        pre_norm=True,
+        position_embedding_type="rotary",
+    )
+)
+
+# Kitaev et al. 2020, enwik8: shared-QK LSH attention in every layer, reversible residual blocks and
+# chunked feed-forward layers, so activation memory does not grow with depth.
+PRESETS.register("reformer")(
+    dict(
+        mixer="lsh",
+        memory="none",
+        num_buckets=64,
+        num_hashes=2,
+        lsh_chunk_length=64,
+        reversible=True,
+        feed_forward_chunk_size=1024,
+        num_hidden_layers=12,
+        hidden_size=1024,
+        num_attention_heads=8,
+        intermediate_size=4096,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        pre_norm=True,
+        position_embedding_type="rotary",
+    )
+)
+
+# Roy et al. 2021, enwik8: local attention everywhere, and in the last two layers half the heads route
+# through online k-means clusters (EMA centroids) while the other half stay local.
+PRESETS.register("routing")(
+    dict(
+        mixer="sliding",
+        memory="none",
+        attention_window=512,
+        routing_layers=[10, 11],
+        num_clusters=16,
+        num_routing_heads=4,
+        kmeans_decay=0.999,
+        num_hidden_layers=12,
+        hidden_size=1024,
+        num_attention_heads=8,
+        intermediate_size=4096,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        pre_norm=True,
+        position_embedding_type="rotary",
+    )
+)

@@ -20,12 +20,17 @@ class MixerInputs:
     that are filled and not reset, non-padding tokens); `causal` says whether a query may see later keys.
     `payload` is whatever the model's memory hands this layer beyond hidden states (e.g. a kNN store for
     the `knn` mixer); mixers that do not know it ignore it.
+    `global_mask` (B, L) marks the segment tokens with global attention (the model's
+    `global_attention_mask`, Longformer's convention); `document_starts` (B, L) marks the tokens that
+    begin a new document. Both are None when absent, and mixers that have no use for them ignore them.
     """
 
     memory: torch.Tensor | None
     key_mask: torch.Tensor | None
     causal: bool
     payload: Any = None
+    global_mask: torch.Tensor | None = None
+    document_starts: torch.Tensor | None = None
 
     @property
     def memory_length(self) -> int:

@@ -19,13 +19,15 @@ class SegmentPass:
     `layer_inputs[i]` is the input of layer i and `final_hidden` the output after the final norm, both
     over the whole (possibly extended, see `SegmentMemory.extend_inputs`) sequence; `token_mask` (B, L)
     marks real tokens of the segment; `mixers` are the layers' mixers, for memories that reuse their
-    projections (kNN keys, the compressive reconstruction loss).
+    projections (kNN keys, the compressive reconstruction loss); `document_starts` (B, L') marks the
+    tokens of the (extended) sequence that begin a new document, or is None.
     """
 
     layer_inputs: list[torch.Tensor]
     final_hidden: torch.Tensor
     token_mask: torch.Tensor | None
     mixers: Sequence["TokenMixer"]
+    document_starts: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
