@@ -364,3 +364,42 @@ def test_pretrain_script_fits_exports_and_evaluate_reads_it(tmp_path):
         "--split", "test", "--cache-dir", str(tmp_path / "cache"), "--tgt-len", "32", "--batch-size", "4", "--max-segments", "4",
     ]).strip().splitlines()[-1])
     assert 0 < last["bits_per_character"] < 9
+
+
+@requires_shared_data
+def test_store_is_cleared_where_a_document_ends_inside_a_segment(tmp_path):
+    """A real book boundary in the middle of a segment: tokens of the new book retrieve nothing from the old
+    book's pairs, and afterwards the row's store holds only the new book's pairs."""
+    corpus = CORPORA.get("pg19")(PG19_SAMPLE, cache_dir=tmp_path, vocab_size=1000)
+    split = corpus.split("train")
+    boundary = int(split.doc_starts[1])
+    seg_len, stream_len, inside = 16, 100, 5
+    base = boundary - stream_len - 2 * seg_len - inside  # row 1's segment 2 holds the boundary at offset 5
+    tokens = np.asarray(split.tokens[base : base + 2 * stream_len])
+    doc_starts = np.asarray(split.doc_starts) - base
+    streams = SegmentStreams(tokens, batch_size=2, seg_len=seg_len, doc_starts=doc_starts[(doc_starts >= 0) & (doc_starts < len(tokens))])
+    config = LongLMConfig.from_preset("memorizing", num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                      vocab_size=1000, mem_len=0, knn_layers=[1], knn_memory_size=64, knn_top_k=4)
+    model = LongLMForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[1].block.mixer.gate_bias.fill_(2.0)  # the store weighs in strongly
+        memory = None
+        for index in range(2):
+            batch = streams.segment(index)
+            memory = model(batch["input_ids"], memory=memory_for_segment(memory, batch), document_starts=batch["document_starts"]).memory
+        batch = streams.segment(2)
+        starts = batch["document_starts"]
+        assert starts[1].nonzero().flatten().tolist() == [inside] and not bool(starts[0].any())
+        assert batch["new_document"].tolist() == [False, False]
+        memory = memory_for_segment(memory, batch)
+        out = model(batch["input_ids"], memory=memory, document_starts=starts)
+        unaware = model(batch["input_ids"], memory=memory)  # as if the boundary were not known
+        emptied = model(batch["input_ids"], memory=memory.reset_rows(torch.tensor([False, True])))
+    new_book = out.logits[1, inside:]
+    torch.testing.assert_close(new_book, emptied.logits[1, inside:], rtol=1e-6, atol=1e-6)
+    assert (unaware.logits[1, inside:] - new_book).abs().max() > 1e-3  # the old book's pairs would have been retrieved
+    torch.testing.assert_close(out.logits[1, :inside], unaware.logits[1, :inside], rtol=0, atol=0)  # the old book's tail still retrieves
+    torch.testing.assert_close(out.logits[0], unaware.logits[0], rtol=0, atol=0)  # the other row is untouched
+    kept = out.memory.store_valid
+    assert kept[1].tolist() == [False] * (2 * seg_len + inside) + [True] * (seg_len - inside)
+    assert bool(kept[0].all())

@@ -10,7 +10,9 @@ head. Following the paper ("we normalize keys and queries" to limit the stalenes
 memory path works on L2-normalised queries and keys, so retrieval is by cosine similarity (maximum inner
 product on unit vectors, which is also nearest-L2 on unit vectors); the local path keeps the relative
 attention of the other layers. A query for which nothing valid is retrieved (empty store, e.g. at the start
-of a document) uses the local attention alone (its gate is taken as 0).
+of a document) uses the local attention alone (its gate is taken as 0); so does every token at or after a
+document start inside the segment (`MixerInputs.document_starts`), since the store then holds the previous
+document's pairs.
 
 The store is the `knn` memory's (`longlm.memory.knn`), handed to this layer as `MixerInputs.payload`. It is
 not differentiable: retrieval picks indices without gradient; gradients reach the queries, b_h and s_h.
@@ -185,6 +187,8 @@ class KNNAttention(RelativeAttention):
             out = local
         else:
             remote, found = self.memory_attention(unit_q, store)
+            if inputs.document_starts is not None:  # tokens of a document begun in this segment: the store is another document's
+                found = found & (inputs.document_starts.cumsum(dim=1) == 0)[:, None, :, None]
             gate = self.gate() * found.to(local.dtype)
             out = gate * remote + (1 - gate) * local
         return self.o_proj(self.merge_heads(out))

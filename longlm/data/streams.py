@@ -14,6 +14,9 @@ import torch
 class SegmentStreams:
     """tokens -> (B, N // B) streams -> segments of `seg_len` inputs with next-token targets.
 
+    Each segment also says where documents begin: `document_starts` (B, L) per input token, and
+    `new_document` (B,) for rows whose segment begins one (or that start the pass).
+
     With `drop_last=True` (training) every segment has exactly `seg_len` tokens; otherwise (evaluation)
     the last one may be shorter so that every token after a stream's first is predicted once.
     """
@@ -38,8 +41,7 @@ class SegmentStreams:
             )
         self.tokens = tokens
         self.num_segments = predicted // seg_len if drop_last else -(-predicted // seg_len)
-        starts = np.asarray(doc_starts if doc_starts is not None else [], dtype=np.int64)
-        self._doc_starts = set(starts.tolist())
+        self._doc_starts = np.unique(np.asarray(doc_starts if doc_starts is not None else [], dtype=np.int64))
 
     def __len__(self) -> int:
         return self.num_segments
@@ -52,14 +54,16 @@ class SegmentStreams:
         rows = np.arange(self.batch_size)[:, None] * self.stream_len
         cols = np.arange(begin, end + 1)[None, :]
         window = torch.from_numpy(np.asarray(self.tokens[rows + cols], dtype=np.int64))
-        new_document = torch.tensor(
-            [index == 0 or int(r * self.stream_len + begin) in self._doc_starts for r in range(self.batch_size)]
-        )
+        positions = (rows + cols)[:, :-1]
+        found = np.searchsorted(self._doc_starts, positions).clip(max=max(len(self._doc_starts) - 1, 0))
+        starts = self._doc_starts[found] == positions if len(self._doc_starts) else np.zeros(positions.shape, dtype=bool)
+        document_starts = torch.from_numpy(starts)
         return {
             "input_ids": window[:, :-1],
             "labels": window[:, 1:],
             "segment": index,
-            "new_document": new_document,
+            "new_document": document_starts[:, 0] | (index == 0),
+            "document_starts": document_starts,
         }
 
 

@@ -63,7 +63,7 @@ def evaluate_stream(
         for index in range(len(streams) if max_segments is None else min(max_segments, len(streams))):
             batch = streams.segment(index)
             memory = memory_for_segment(memory, batch)
-            out = model(input_ids=batch["input_ids"].to(device), memory=memory)
+            out = model(input_ids=batch["input_ids"].to(device), memory=memory, document_starts=batch["document_starts"].to(device))
             labels = batch["labels"].to(device)
             total += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
             count += labels.numel()

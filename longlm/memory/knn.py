@@ -13,9 +13,10 @@ detached): recomputing them here from `SegmentPass.layer_inputs` would miss the 
 memory cannot see), so the mixer hands over what it actually used.
 
 Documents: `reset_rows` empties the store (and XL cache) of the rows given, nothing else; the training and
-evaluation loops call it when a row's segment starts a new document (`memory_for_segment`). A document
-boundary *inside* a segment is not handled: the store keeps the earlier document's pairs until the next
-segment that starts a document (the same granularity as the XL cache).
+evaluation loops call it when a row's segment starts a new document (`memory_for_segment`). A document that
+begins *inside* a segment (`SegmentPass.document_starts`, from the model's `document_starts`) is handled
+exactly too: the knn mixer stops retrieving for the tokens from that start on, and `update` stores only the
+pairs from the row's last start on, dropping the earlier store. (The XL cache keeps segment granularity.)
 """
 from __future__ import annotations
 
@@ -95,6 +96,12 @@ class KNNMemory(XLMemory):
             torch.ones(batch, length, dtype=torch.bool, device=device) if segment.token_mask is None else segment.token_mask.bool()
         )
         previous = state if state is not None and state.store_valid is not None else None
+        previous_valid = None if previous is None else previous.store_valid
+        if segment.document_starts is not None:  # keep only the pairs of each row's last document
+            document = segment.document_starts.long().cumsum(dim=1)
+            new_valid = new_valid & (document == document[:, -1:])
+            if previous_valid is not None:
+                previous_valid = previous_valid & (document[:, -1:] == 0)
         keys, values = [], []
         for position, layer_idx in enumerate(self.knn_layers):
             mixer = segment.mixers[layer_idx]
@@ -105,7 +112,7 @@ class KNNMemory(XLMemory):
             new_keys, new_values = entries
             keys.append(_append_last(None if previous is None else previous.keys[position], new_keys, size, dim=2))
             values.append(_append_last(None if previous is None else previous.values[position], new_values, size, dim=2))
-        store_valid = _append_last(None if previous is None else previous.store_valid, new_valid, size, dim=1)
+        store_valid = _append_last(previous_valid, new_valid, size, dim=1)
         fields = {f.name: getattr(xl, f.name) for f in dataclasses.fields(XLMemoryState)}
         return KNNMemoryState(**fields, keys=tuple(keys), values=tuple(values), store_valid=store_valid)
 

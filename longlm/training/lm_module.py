@@ -75,7 +75,9 @@ class CausalLMPretraining(L.LightningModule):
     # --- steps -----------------------------------------------------------------------------------------
     def _segment_step(self, batch: dict[str, Any], memory: MemoryState | None, detach: bool = True):
         memory = memory_for_segment(memory, batch)
-        out = self.model(input_ids=batch["input_ids"], memory=memory, shift_labels=batch["labels"])
+        out = self.model(
+            input_ids=batch["input_ids"], memory=memory, shift_labels=batch["labels"], document_starts=batch["document_starts"]
+        )
         next_memory = out.memory.detach() if out.memory is not None and detach else out.memory
         return out, next_memory
 
