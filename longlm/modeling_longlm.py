@@ -20,6 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.configuration_longlm import LongLMConfig
 from longlm.layers.block import LongLMBlock
+from longlm.layers.reversible import reversible_stack
 from longlm.memory.base import MemoryState, SegmentPass
 from longlm.memory.registry import MEMORIES
 from longlm.outputs import LongLMCausalLMOutput, LongLMModelOutput
@@ -142,15 +143,24 @@ class LongLMModel(LongLMPreTrainedModel):
         starts = extended(document_starts, False)
         global_mask = None if global_mask is None or not bool(global_mask.any()) else global_mask.bool()
         starts = None if starts is None else starts.bool()
-        layer_inputs: list[torch.Tensor] = []
-        for layer_idx, layer in enumerate(self.layers):
-            context, _ = self.memory.context(memory, layer_idx)
-            payload = self.memory.mixer_payload(memory, layer_idx)
-            layer_inputs.append(hidden)
-            mixer_inputs = MixerInputs(
-                context, key_mask, causal=self.config.is_decoder, payload=payload, global_mask=global_mask, document_starts=starts
+        mixer_inputs = [
+            MixerInputs(
+                self.memory.context(memory, layer_idx)[0],
+                key_mask,
+                causal=self.config.is_decoder,
+                payload=self.memory.mixer_payload(memory, layer_idx),
+                global_mask=global_mask,
+                document_starts=starts,
             )
-            hidden = layer(hidden, mixer_inputs)
+            for layer_idx in range(len(self.layers))
+        ]
+        layer_inputs: list[torch.Tensor] = []
+        if self.config.reversible:  # no per-layer activations kept (the config allows no memory that reads them)
+            hidden = reversible_stack([layer.block for layer in self.layers], hidden, mixer_inputs)
+        else:
+            for layer, inputs in zip(self.layers, mixer_inputs):
+                layer_inputs.append(hidden)
+                hidden = layer(hidden, inputs)
         hidden = self.dropout(self.final_norm(hidden))
         mixers = [layer.block.mixer for layer in self.layers]
         segment = SegmentPass(layer_inputs, hidden, attention_mask, mixers, document_starts=starts)

@@ -37,7 +37,8 @@ def peak_memory_bytes(fn: Callable[[], Any]) -> int:
     """Peak of (bytes allocated - bytes freed) on the CPU while `fn` ran, from the profiler's memory events."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage]
+    # self_ (not total) usage: an operator's total includes its children's, which are events of their own
+    events = [(e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage]
     live = peak = 0
     for _, change in sorted(events):
         live += change

@@ -12,15 +12,24 @@ from longlm.attention.registry import MIXERS
 
 
 class FeedForward(nn.Module):
+    """Position-wise MLP; with `feed_forward_chunk_size` > 0 it runs over chunks of that many tokens, so the
+    (L, intermediate_size) activation never exists at once where no graph keeps it (reversible blocks)."""
+
     def __init__(self, config) -> None:
         super().__init__()
         self.up = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
         self.down = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.chunk_size = config.feed_forward_chunk_size
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.dropout(self.act(self.up(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(self.dropout(self.act(self.up(x)))))
+        if not self.chunk_size or x.shape[1] <= self.chunk_size:
+            return self._mlp(x)
+        return torch.cat([self._mlp(chunk) for chunk in x.split(self.chunk_size, dim=1)], dim=1)
 
 
 class LongLMBlock(nn.Module):
@@ -35,10 +44,17 @@ class LongLMBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if self.pre_norm:
-            hidden = hidden + self.dropout(self.mixer(self.mixer_norm(hidden), self._normed_memory(inputs)))
-            return hidden + self.feed_forward(self.ffn_norm(hidden))
+            hidden = hidden + self.mixer_branch(hidden, inputs)
+            return hidden + self.feed_forward_branch(hidden)
         hidden = self.mixer_norm(hidden + self.dropout(self.mixer(hidden, inputs)))
         return self.ffn_norm(hidden + self.feed_forward(hidden))
+
+    # The two residual branches of a pre-norm block (what reversible blocks call F and G).
+    def mixer_branch(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        return self.dropout(self.mixer(self.mixer_norm(hidden), self._normed_memory(inputs)))
+
+    def feed_forward_branch(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.ffn_norm(hidden))
 
     def _normed_memory(self, inputs: MixerInputs) -> MixerInputs:
         """Pre-norm: memory holds this layer's raw inputs, so it goes through the same norm as the segment."""
