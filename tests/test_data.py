@@ -105,6 +105,17 @@ def test_streams_flag_rows_whose_segment_starts_a_document():
     assert streams.segment(1)["new_document"].tolist() == [False, True]  # row 1 at 200 + 50
 
 
+def test_streams_mark_every_token_that_starts_a_document():
+    tokens = np.arange(400)  # token value = its offset, so a start is visible in the ids
+    starts = np.array([0, 37, 100, 263, 399])
+    streams = SegmentStreams(tokens, batch_size=2, seg_len=50, doc_starts=starts)
+    for index in range(len(streams)):
+        batch = streams.segment(index)
+        marked = set(batch["input_ids"][batch["document_starts"]].tolist())
+        assert marked == set(batch["input_ids"].flatten().tolist()) & set(starts.tolist())
+        assert batch["new_document"].tolist() == [index == 0 or bool(s) for s in batch["document_starts"][:, 0]]
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
