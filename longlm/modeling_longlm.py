@@ -6,6 +6,7 @@ It never names a mechanism.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -20,6 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.configuration_longlm import LongLMConfig
 from longlm.layers.block import LongLMBlock
+from longlm.layers.recompute import recomputing
 from longlm.layers.reversible import reversible_stack
 from longlm.memory.base import MemoryState, SegmentPass
 from longlm.memory.registry import MEMORIES
@@ -38,6 +40,11 @@ class LongLMLayer(GradientCheckpointingLayer):
         return self.block(hidden, inputs)
 
 
+def _flag_recomputation():
+    """torch.utils.checkpoint context_fn: nothing special in forward, `recomputing()` during the rerun."""
+    return contextlib.nullcontext(), recomputing()
+
+
 class LongLMPreTrainedModel(PreTrainedModel):
     config_class = LongLMConfig
     base_model_prefix = "model"
@@ -50,6 +57,12 @@ class LongLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, TokenMixer):
             module.init_extra_parameters(lambda p: init.normal_(p, mean=0.0, std=self.config.initializer_range))
+
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args: Any, **kwargs: Any) -> None:
+        """HF's checkpointing, with the recomputation flagged (`longlm.layers.recompute`) so that mixers with
+        training side effects (routing's centroid updates) apply them once per step, as reversible blocks do."""
+        options = {"use_reentrant": False, "context_fn": _flag_recomputation, **(activation_checkpointing_kwargs or {})}
+        super()._activation_checkpointing_enable(options, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save config + safetensors, plus the flat model code that `trust_remote_code=True` loads."""

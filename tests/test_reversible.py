@@ -101,3 +101,15 @@ def test_reversible_model_saves_reloads_and_generates(tmp_path):
 def test_bad_skeleton_options_are_one_clear_sentence(overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(**overrides)
+
+
+def test_hugging_face_activation_checkpointing_flags_its_recomputation_too():
+    model = LongLMForCausalLM(_config(reversible=False)).train()
+    model.gradient_checkpointing_enable()
+    seen: list[bool] = []
+    model.model.layers[0].block.mixer.register_forward_hook(lambda *_: seen.append(is_recomputing()))
+    ids = torch.randint(3, 259, (1, 16))
+    loss = model(ids, labels=ids).loss
+    assert seen == [False]
+    loss.backward()
+    assert seen == [False, True] and not is_recomputing()
