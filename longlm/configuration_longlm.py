@@ -61,7 +61,8 @@ class LongLMConfig(PretrainedConfig):
     num_memory_tokens: int = 0
     bptt_depth: int = 1
     # Longformer (Beltagy et al. 2020), mixer `sliding`: total window (one int, or one per layer; each
-    # token sees attention_window // 2 keys on each side), dilation (one int, or one per head)
+    # token sees attention_window // 2 keys on each side), dilation (one int, one per head, or one per
+    # layer of those)
     attention_window: Any = 512
     attention_dilation: Any = 1
     # BigBird (Zaheer et al. 2020), mixer `block_sparse`: block size, random blocks per query block, seed

@@ -175,8 +175,9 @@ PRESETS.register("reformer")(
     )
 )
 
-# Roy et al. 2021, enwik8: local attention everywhere, and in the last two layers half the heads route
-# through online k-means clusters (EMA centroids) while the other half stay local.
+# Roy et al. 2021, enwik8: half the heads route through online k-means clusters (EMA centroids) while the
+# other half stay local. The preset routes in the last two layers; configs/enwik8/routing-base.yaml routes in
+# every layer, as the authors' released enwik8 recipe does.
 PRESETS.register("routing")(
     dict(
         mixer="sliding",
