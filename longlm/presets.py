@@ -135,7 +135,9 @@ PRESETS.register("longformer")(
 )
 
 # Zaheer et al. 2020 (ITC): BERT-base sized, block size 64, 3 random blocks per query block, the first and
-# last blocks global; 3 sliding blocks around each query block.
+# last blocks global; 3 sliding blocks around each query block. Decoders keep only block 0 global (no global
+# last block) and draw each block's random blocks independently of the length, so generation reproduces the
+# training-time logits.
 PRESETS.register("bigbird")(
     dict(
         mixer="block_sparse",
