@@ -74,6 +74,7 @@ class LongLMConfig(PretrainedConfig):
     num_buckets: int = 32
     num_hashes: int = 1
     lsh_chunk_length: int = 64
+    lsh_hash_seed: int = 0  # seed of the fixed random rotations (layer i uses lsh_hash_seed + i)
     # Routing Transformer (Roy et al. 2021), mixer `routing` in `routing_layers` (others keep `mixer`)
     routing_layers: list[int] | None = None
     num_clusters: int = 8
