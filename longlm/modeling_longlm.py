@@ -141,8 +141,14 @@ class LongLMModel(LongLMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         tokens_shape = tuple(inputs_embeds.shape[:2])
         for name, tensor in (("attention_mask", attention_mask), ("global_attention_mask", global_attention_mask), ("document_starts", document_starts)):
-            if tensor is not None and tuple(tensor.shape) != tokens_shape:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the shape of input_ids, {tokens_shape}.")
+            if tensor is None or tuple(tensor.shape) == tokens_shape:
+                continue
+            if tensor.dim() == 2 and tensor.shape[0] == tokens_shape[0] and tensor.shape[1] > tokens_shape[1]:
+                raise ValueError(
+                    f"{name} covers {tensor.shape[1]} positions but the sequence has {tokens_shape[1]} tokens; "
+                    f"expected the shape of input_ids, {tokens_shape}."
+                )
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the shape of input_ids, {tokens_shape}.")
         hidden = self.dropout(inputs_embeds * self.embed_scale)
         hidden, before, after = self.memory.extend_inputs(memory, hidden)
         batch, length = hidden.shape[:2]

@@ -314,6 +314,13 @@ def test_global_attention_mask_of_wrong_shape_is_rejected():
         model(ids, global_attention_mask=torch.zeros(2, 11, dtype=torch.long))
 
 
+def test_more_global_tokens_than_the_sequence_is_rejected():
+    model = LongLMForCausalLM(_config()).eval()
+    ids = torch.randint(2, 200, (2, 12))
+    with pytest.raises(ValueError, match=r"global_attention_mask covers 14 positions but the sequence has 12 tokens"):
+        model(ids, global_attention_mask=torch.ones(2, 14, dtype=torch.long))
+
+
 # --------------------------------------------------------------------------------------------------
 # the FlexAttention path (CUDA fast path) against the blocked path
 # --------------------------------------------------------------------------------------------------
