@@ -44,21 +44,11 @@ from torch import nn
 
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.registry import MIXERS
-from longlm.attention.windowed import windowed_attention
+from longlm.attention.windowed import check_window, is_int, layer_window, windowed_attention
 from longlm.layers.positions import apply_rotary, rotary_cos_sin
 from longlm.layers.recompute import is_recomputing
 
 _MAX_BLOCK = 64  # largest query block of the band (see `_grouped_band`)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def layer_window(config, layer_idx: int) -> int:
-    """This layer's total window (`attention_window` is one int or one per layer)."""
-    window = config.attention_window
-    return window if _is_int(window) else int(window[layer_idx])
 
 
 def check_routing_fields(config) -> None:
@@ -69,29 +59,17 @@ def check_routing_fields(config) -> None:
             f"The routing mixer attends within the segment only, so LongLMConfig.mem_len must be 0, got {config.mem_len!r}."
         )
     routing = config.num_routing_heads
-    if not _is_int(routing) or not 1 <= routing <= heads:
+    if not is_int(routing) or not 1 <= routing <= heads:
         raise ValueError(
             f"LongLMConfig.num_routing_heads must be an integer in [1, num_attention_heads={heads}], got {routing!r}."
         )
     clusters = config.num_clusters
-    if not _is_int(clusters) or clusters < 1:
+    if not is_int(clusters) or clusters < 1:
         raise ValueError(f"LongLMConfig.num_clusters must be a positive integer, got {clusters!r}.")
     decay = config.kmeans_decay
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
         raise ValueError(f"LongLMConfig.kmeans_decay must be a number in (0, 1), got {decay!r}.")
-    window, layers = config.attention_window, config.num_hidden_layers
-    if isinstance(window, (list, tuple)):
-        if len(window) != layers:
-            raise ValueError(
-                f"LongLMConfig.attention_window lists {len(window)} windows but num_hidden_layers is {layers}; "
-                "give one positive integer or one per layer (mixer 'routing')."
-            )
-        if not all(_is_int(x) and x > 0 for x in window):
-            raise ValueError(f"LongLMConfig.attention_window must hold positive integers, got {list(window)!r}.")
-    elif not (_is_int(window) and window > 0):
-        raise ValueError(
-            f"LongLMConfig.attention_window must be a positive integer or a list of one per layer, got {window!r}."
-        )
+    check_window(config, "routing")
 
 
 def nearest_centroid(unit: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

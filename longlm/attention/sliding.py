@@ -24,29 +24,19 @@ from torch import nn
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.kernels import attend
 from longlm.attention.registry import MIXERS
-from longlm.attention.windowed import windowed_attention
+from longlm.attention.windowed import check_window, is_int, layer_window, windowed_attention
 from longlm.layers.positions import apply_rotary, rotary_cos_sin
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def layer_window(config, layer_idx: int) -> int:
-    """The total window of one layer (`attention_window` is one int or one per layer)."""
-    window = config.attention_window
-    return window if _is_int(window) else int(window[layer_idx])
 
 
 def layer_dilation(config, layer_idx: int) -> int | list[int]:
     """The dilation of one layer: `attention_dilation` is one int, one per head (a flat list), or one entry
     per layer (a list holding lists), each entry an int or one int per head."""
     dilation = config.attention_dilation
-    if _is_int(dilation):
+    if is_int(dilation):
         return dilation
     if any(isinstance(x, (list, tuple)) for x in dilation):
         dilation = dilation[layer_idx]
-        if _is_int(dilation):
+        if is_int(dilation):
             return dilation
     return [int(x) for x in dilation]
 
@@ -58,29 +48,18 @@ def _check_per_head(value, where: str, heads: int) -> None:
                 f"LongLMConfig.attention_dilation{where} lists {len(value)} values but num_attention_heads is {heads}; "
                 "give one positive integer or one per head."
             )
-        if not all(_is_int(x) and x > 0 for x in value):
+        if not all(is_int(x) and x > 0 for x in value):
             raise ValueError(f"LongLMConfig.attention_dilation{where} must hold positive integers, got {list(value)!r}.")
-    elif not (_is_int(value) and value > 0):
+    elif not (is_int(value) and value > 0):
         raise ValueError(
             f"LongLMConfig.attention_dilation{where} must be a positive integer or a list of one per head, got {value!r}."
         )
 
 
 def check_window_fields(config, mixer: str) -> None:
-    """One sentence per bad `attention_window` / `attention_dilation` (shared with mixers that reuse the band)."""
-    window, layers = config.attention_window, config.num_hidden_layers
-    if isinstance(window, (list, tuple)):
-        if len(window) != layers:
-            raise ValueError(
-                f"LongLMConfig.attention_window lists {len(window)} windows but num_hidden_layers is {layers}; "
-                f"give one positive integer or one per layer (mixer '{mixer}')."
-            )
-        if not all(_is_int(x) and x > 0 for x in window):
-            raise ValueError(f"LongLMConfig.attention_window must hold positive integers, got {list(window)!r}.")
-    elif not (_is_int(window) and window > 0):
-        raise ValueError(
-            f"LongLMConfig.attention_window must be a positive integer or a list of one per layer, got {window!r}."
-        )
+    """One sentence per bad `attention_window` / `attention_dilation`."""
+    check_window(config, mixer)
+    layers = config.num_hidden_layers
     dilation, heads = config.attention_dilation, config.num_attention_heads
     if isinstance(dilation, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in dilation):
         if len(dilation) != layers:

@@ -30,6 +30,34 @@ import torch.nn.functional as F
 _CAUSAL_BLOCK = 64  # query block of the causal band: the span is c + w keys for w + 1 needed
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (config values come from YAML/JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def layer_window(config, layer_idx: int) -> int:
+    """The total window of one layer (`attention_window` is one int or one per layer)."""
+    window = config.attention_window
+    return window if is_int(window) else int(window[layer_idx])
+
+
+def check_window(config, mixer: str) -> None:
+    """One sentence per bad `attention_window`, for every mixer that runs the band."""
+    window, layers = config.attention_window, config.num_hidden_layers
+    if isinstance(window, (list, tuple)):
+        if len(window) != layers:
+            raise ValueError(
+                f"LongLMConfig.attention_window lists {len(window)} windows but num_hidden_layers is {layers}; "
+                f"give one positive integer or one per layer (mixer '{mixer}')."
+            )
+        if not all(is_int(x) and x > 0 for x in window):
+            raise ValueError(f"LongLMConfig.attention_window must hold positive integers, got {list(window)!r}.")
+    elif not (is_int(window) and window > 0):
+        raise ValueError(
+            f"LongLMConfig.attention_window must be a positive integer or a list of one per layer, got {window!r}."
+        )
+
+
 def windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
