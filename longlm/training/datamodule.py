@@ -9,8 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from longlm.data.corpus import CORPORA, CorpusSplit
-from longlm.data.streams import SegmentStreams
-from longlm.training.sampler import ResumableSegmentSampler, SegmentDataset
+from longlm.training.sampler import ResumableSegmentSampler, SegmentDataset, rank_streams
 
 BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "bundled" / "persuasion.txt.gz"
 
@@ -21,7 +20,8 @@ class LMDataModule(L.LightningDataModule):
     Args:
         dataset: a registered corpus (`enwik8` for any raw byte file, `pg19` for the PG-19 layout).
         path: the file or folder; None trains on the public-domain book bundled with longlm (bytes).
-        batch_size / tgt_len: training streams and segment length.
+        batch_size / tgt_len: training streams per rank (device) and segment length; with W ranks the split
+            is cut into W * batch_size contiguous streams and each rank owns its own batch_size of them.
         eval_batch_size / eval_tgt_len: the same for validation and test.
         tokenizer_vocab_size: size of the subword tokenizer trained on PG-19's train split.
         cache_dir: where tokenised splits and tokenizers are cached (default ~/.cache/longlm).
@@ -64,16 +64,26 @@ class LMDataModule(L.LightningDataModule):
     def eval_split(self, name: str) -> CorpusSplit:
         return self.corpus.split(name)
 
+    @property
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """(this process's global rank, number of ranks) of the attached trainer; (0, 1) without one."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.train_streams = SegmentStreams(
-                self.train_split.tokens, self.batch_size, self.tgt_len, self.train_split.doc_starts, drop_last=True
-            )
+            rank, world = self.rank_and_world_size
+            split = self.train_split
+            self.train_streams = rank_streams(split.tokens, split.doc_starts, self.batch_size, self.tgt_len, rank, world)
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self.eval_split(split)
-        streams = SegmentStreams(data.tokens, self.eval_batch_size, self.eval_tgt_len, data.doc_starts, drop_last=False)
-        return DataLoader(SegmentDataset(streams), batch_size=None, shuffle=False, generator=_private_generator())
+        rank, world = self.rank_and_world_size
+        streams = rank_streams(
+            data.tokens, data.doc_starts, self.eval_batch_size, self.eval_tgt_len, rank, world, drop_last=False
+        )
+        sampler = ResumableSegmentSampler(len(streams), rank=rank, world_size=world)
+        return DataLoader(SegmentDataset(streams), batch_size=None, sampler=sampler, generator=_private_generator())
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -86,7 +96,8 @@ class LMDataModule(L.LightningDataModule):
                 f"The training split has {len(self.train_streams)} segments, fewer than one group of "
                 f"bptt_depth={depth}; use a smaller batch_size, tgt_len or bptt_depth, or more data."
             )
-        sampler = ResumableSegmentSampler(len(dataset), start // depth)
+        rank, world = self.rank_and_world_size
+        sampler = ResumableSegmentSampler(len(dataset), start // depth, rank=rank, world_size=world)
         return DataLoader(dataset, batch_size=None, sampler=sampler, generator=_private_generator())
 
     def val_dataloader(self) -> DataLoader:

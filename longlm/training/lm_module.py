@@ -44,6 +44,8 @@ class CausalLMPretraining(L.LightningModule):
         learning_rate, weight_decay, betas: AdamW.
         warmup_steps, min_lr_ratio: linear warmup then cosine decay to `min_lr_ratio * learning_rate`
             over the run's total steps.
+        gradient_checkpointing: recompute each block in backward instead of keeping its activations
+            (HF's activation checkpointing): less memory, about a third more compute.
     """
 
     def __init__(
@@ -56,12 +58,15 @@ class CausalLMPretraining(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         overrides = dict(config or {})
         overrides["vocab_size"] = vocab_size
         self.model = LongLMForCausalLM(LongLMConfig.from_preset(preset, **overrides))
+        if gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
+            getattr(self.model, "activation_checkpointing_enable", self.model.gradient_checkpointing_enable)()
         self.train_memory: MemoryState | None = None
         self.eval_memory: MemoryState | None = None
         self.next_train_segment = 0
@@ -91,11 +96,15 @@ class CausalLMPretraining(L.LightningModule):
         return outs, memory
 
     def _log_losses(self, prefix: str, lm_loss: torch.Tensor, aux_losses: dict[str, torch.Tensor] | None, tokens: int) -> None:
-        """LM loss (and bits per token) as `<prefix>_loss`; each auxiliary loss under its own name."""
-        self.log(f"{prefix}_loss", lm_loss, prog_bar=True, batch_size=tokens)
-        self.log(f"{prefix}_bits_per_token", lm_loss / math.log(2), batch_size=tokens)
+        """LM loss (and bits per token) as `<prefix>_loss`; each auxiliary loss under its own name.
+
+        Averaged over ranks (`sync_dist`): every rank scores the same number of tokens, so the mean of the
+        ranks' losses is the loss of the global batch, the number single-device training would log.
+        """
+        self.log(f"{prefix}_loss", lm_loss, prog_bar=True, batch_size=tokens, sync_dist=True)
+        self.log(f"{prefix}_bits_per_token", lm_loss / math.log(2), batch_size=tokens, sync_dist=True)
         for name, value in (aux_losses or {}).items():
-            self.log(f"{prefix}_{name}", value, batch_size=tokens)
+            self.log(f"{prefix}_{name}", value, batch_size=tokens, sync_dist=True)
 
     def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         """One segment, or (with `bptt_depth` k > 1) a list of k consecutive segments whose mean loss is
@@ -144,24 +153,28 @@ class CausalLMPretraining(L.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name or "bias" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate,
-            betas=tuple(self.hparams.betas),
-        )
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = _adamw(groups, self.hparams.learning_rate, tuple(self.hparams.betas), self._trainer)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints --------------------------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: each owns its streams, so its memory, and its own RNG."""
+        memory = None if self.train_memory is None else self.train_memory.to("cpu").to_dict()
+        return {
+            "train_memory": memory,
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["longlm"] = {
             "model_config": self.model.config.to_dict(),
             "next_train_segment": self.next_train_segment,
-            "train_memory": None if self.train_memory is None else self.train_memory.to_dict(),
-            "torch_rng_state": torch.get_rng_state(),
-            "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "ranks": _gather_objects(self._rank_state()),
             "tokenizer_files": tokenizer_to_files(self.tokenizer) if self.tokenizer is not None else None,
         }
 
@@ -176,12 +189,42 @@ class CausalLMPretraining(L.LightningModule):
                 "The checkpoint was trained with " + ", ".join(changed) + "; resuming cannot change the model's shape."
             )
         self.next_train_segment = state["next_train_segment"]
-        memory = state["train_memory"]
+        ranks = state.get("ranks") or [state]  # checkpoints from before multi-rank training kept one state
+        rank, world = (0, len(ranks)) if self._trainer is None else (self.global_rank, self._trainer.world_size)
+        if len(ranks) != world:
+            raise ValueError(
+                f"The checkpoint was written by {len(ranks)} ranks and this run has {world}; each rank owns its own "
+                "streams and memory, so resume on the same number of devices."
+            )
+        mine = ranks[rank]
+        memory = mine["train_memory"]
         self.train_memory = None if memory is None else self.model.model.memory.state_from_dict(memory)
-        torch.set_rng_state(state["torch_rng_state"])
-        if state["cuda_rng_states"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng_states"])
+        if self.train_memory is not None:
+            self.train_memory = self.train_memory.to(self.device)
+        torch.set_rng_state(mine["torch_rng_state"])
+        if mine["cuda_rng_states"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda_rng_states"])
         if state.get("tokenizer_files") and self.tokenizer is None:
             from longlm.training.tokenizer_files import tokenizer_from_files
 
             self.tokenizer = tokenizer_from_files(state["tokenizer_files"])
+
+
+def _gather_objects(local: Any) -> list[Any]:
+    """`local` of every rank, in rank order (just `[local]` outside distributed training)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [local]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    return gathered
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], trainer: Any) -> torch.optim.Optimizer:
+    """AdamW; DeepSpeed's CPU AdamW (a compiled op) when DeepSpeed keeps the optimizer states on the CPU."""
+    from longlm.training.strategies import offloads_optimizer
+
+    if trainer is not None and offloads_optimizer(trainer.strategy):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)

@@ -1,11 +1,40 @@
-"""Segment order for ordered-stream training, resumable mid-epoch."""
+"""Segment order for ordered-stream training, resumable mid-epoch, with each rank on its own streams."""
 from __future__ import annotations
 
 from typing import Iterator
 
-from torch.utils.data import Dataset, Sampler
+import numpy as np
+from torch.utils.data import Dataset, DistributedSampler
 
 from longlm.data.streams import SegmentStreams
+
+
+def rank_streams(
+    tokens: np.ndarray,
+    doc_starts: np.ndarray,
+    batch_size: int,
+    seg_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+) -> SegmentStreams:
+    """Rank `rank`'s streams out of `world_size * batch_size` contiguous streams: [rank*B, (rank+1)*B).
+
+    Every stream lives on one rank, so the memory a row carries always comes from its own text; all ranks
+    get the same stream length and so the same number of segments (no rank waits on another at the end).
+    The split's last `len(tokens) % (world_size * batch_size)` tokens fill no stream and are never seen.
+    """
+    streams = world_size * batch_size
+    stream_len = len(tokens) // streams
+    if stream_len - 1 < (seg_len if drop_last else 1):
+        raise ValueError(
+            f"The split has {len(tokens)} tokens, fewer than {world_size} ranks x {batch_size} streams x "
+            f"{seg_len + 1} tokens; use a smaller batch_size or segment length, fewer devices, or more data."
+        )
+    begin, end = rank * batch_size * stream_len, (rank + 1) * batch_size * stream_len
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    starts = starts[(starts >= begin) & (starts < end)] - begin
+    return SegmentStreams(tokens[begin:end], batch_size, seg_len, starts, drop_last=drop_last)
 
 
 class SegmentDataset(Dataset):
@@ -31,10 +60,17 @@ class SegmentDataset(Dataset):
         return [self.streams.segment(index * self.group + i) for i in range(self.group)]
 
 
-class ResumableSegmentSampler(Sampler[int]):
-    """Yields segments in order; the first epoch after a resume starts at `start` instead of 0."""
+class ResumableSegmentSampler(DistributedSampler):
+    """Yields this rank's segments in order; the first epoch after a resume starts at `start` instead of 0.
 
-    def __init__(self, num_segments: int, start: int = 0) -> None:
+    The rank split is already done by the data (each rank's dataset holds only its own streams, see
+    `rank_streams`). It subclasses `DistributedSampler` only so that Lightning keeps it under DDP/DeepSpeed:
+    Lightning replaces any other sampler with one that deals segments out to ranks in turn, which would
+    hand a row's next segment to another rank and break the memory it carries.
+    """
+
+    def __init__(self, num_segments: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(range(num_segments), num_replicas=world_size, rank=rank, shuffle=False)
         self.num_segments = num_segments
         self.start = start % num_segments if num_segments else 0
 
