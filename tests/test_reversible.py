@@ -105,7 +105,7 @@ def test_bad_skeleton_options_are_one_clear_sentence(overrides, message):
 
 def test_hugging_face_activation_checkpointing_flags_its_recomputation_too():
     model = LongLMForCausalLM(_config(reversible=False)).train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     seen: list[bool] = []
     model.model.layers[0].block.mixer.register_forward_hook(lambda *_: seen.append(is_recomputing()))
     ids = torch.randint(3, 259, (1, 16))
