@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from longlm.attention import MIXERS
 from longlm.memory import MEMORIES
 
-POSITION_EMBEDDING_TYPES = ("none", "rotary")  # "relative" positions belong to the relative mixer
+POSITION_EMBEDDING_TYPES = ("none", "rotary", "absolute")  # "relative" positions belong to the relative mixer
 # mixer name -> config field listing the layers that use it instead of `mixer`
 LAYER_MIXER_FIELDS = {"knn": "knn_layers", "routing": "routing_layers"}
 
@@ -48,6 +48,14 @@ class LongLMConfig(PretrainedConfig):
     position_embedding_type: str = "rotary"
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
+    # BERT-family embeddings (what Longformer/BigBird checkpoints need, see scripts/convert_hf.py): learned
+    # absolute positions numbered from `position_offset` (RoBERTa/Longformer count from padding_idx + 1 = 2),
+    # `type_vocab_size` token-type rows (0 = none), a LayerNorm over the summed embeddings, and biases on the
+    # attention projections of the mixers that have them (`TokenMixer.supports_attention_bias`)
+    position_offset: int = 0
+    type_vocab_size: int = 0
+    embedding_norm: bool = False
+    attention_bias: bool = False
     # compressive memory (Rae et al. 2020)
     cmem_len: int = 0
     compression_rate: int | None = None
@@ -88,6 +96,9 @@ class LongLMConfig(PretrainedConfig):
     pad_token_id: int | None = 0
     eos_token_id: int | None = 1
     bos_token_id: int | None = None
+    # ends the question in `<s> question </s></s> context </s>`: question answering puts global attention on
+    # the tokens before the first one (Longformer's convention) when the mixer has global tokens
+    sep_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.head_dim is None and isinstance(self.hidden_size, int) and self.num_attention_heads:
@@ -155,6 +166,16 @@ class LongLMConfig(PretrainedConfig):
         for name in sorted(set(self.mixers)):
             MIXERS.get(name).check_config(self)  # unknown names raise with the list of valid ones
         MEMORIES.get(self.memory).check_config(self)
+        for name in ("position_offset", "type_vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"LongLMConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}.")
+        if self.attention_bias:
+            without = sorted(name for name in set(self.mixers) if not MIXERS.get(name).supports_attention_bias)
+            if without:
+                raise ValueError(
+                    f"LongLMConfig.attention_bias=True needs mixers with biased projections, but {without} have none; "
+                    "expected attention_bias=False with these mixers."
+                )
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"Unknown position_embedding_type '{self.position_embedding_type}'; "

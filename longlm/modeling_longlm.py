@@ -1,4 +1,4 @@
-"""The Hugging Face face of longlm: `LongLMModel` and `LongLMForCausalLM`.
+"""The Hugging Face face of longlm: `LongLMModel` and its heads (causal LM, masked LM, question answering).
 
 The skeleton embeds tokens, runs the blocks (each with the mixer its config names) and lets the memory
 module (the one its config names) read context before each layer and write the next state afterwards.
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from longlm.attention.base import MixerInputs, TokenMixer
@@ -25,7 +26,7 @@ from longlm.layers.recompute import recomputing
 from longlm.layers.reversible import reversible_stack
 from longlm.memory.base import MemoryState, SegmentPass
 from longlm.memory.registry import MEMORIES
-from longlm.outputs import LongLMCausalLMOutput, LongLMModelOutput
+from longlm.outputs import LongLMCausalLMOutput, LongLMMaskedLMOutput, LongLMModelOutput, LongLMQuestionAnsweringOutput
 from longlm.remote_code import AUTO_MAP, write_remote_code
 
 
@@ -88,6 +89,10 @@ class LongLMModel(LongLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
+        absolute = config.position_embedding_type == "absolute"
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if absolute else None
+        self.embed_token_types = nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
+        self.embedding_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(LongLMLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
@@ -100,6 +105,30 @@ class LongLMModel(LongLMPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def embed(self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (scaled) + absolute positions + token types, then the embedding norm: each part
+        only when the config asks for it (BERT-family models have all three, the decoders none)."""
+        hidden = inputs_embeds * self.embed_scale
+        length = hidden.shape[1]
+        if self.embed_positions is not None:
+            last = self.config.position_offset + length
+            if last > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"The sequence has {length} tokens but the absolute position table holds positions up to "
+                    f"{self.config.max_position_embeddings - self.config.position_offset} "
+                    f"(max_position_embeddings={self.config.max_position_embeddings}, "
+                    f"position_offset={self.config.position_offset}); expected a shorter input."
+                )
+            positions = torch.arange(self.config.position_offset, last, device=hidden.device)
+            hidden = hidden + self.embed_positions(positions)[None]
+        if self.embed_token_types is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            hidden = hidden + self.embed_token_types(token_type_ids)
+        if self.embedding_norm is not None:
+            hidden = self.embedding_norm(hidden)
+        return self.dropout(hidden)
 
     def _key_mask(self, memory: MemoryState | None, attention_mask: torch.Tensor | None, batch: int, length: int, device):
         """(B, M + L) validity of [memory; segment] keys, or None when everything is valid.
@@ -130,6 +159,7 @@ class LongLMModel(LongLMPreTrainedModel):
         return_dict: bool | None = None,
         global_attention_mask: torch.Tensor | None = None,
         document_starts: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> LongLMModelOutput:
         """`global_attention_mask` (B, L): 1 on tokens with global attention (Longformer's convention; read by
@@ -140,7 +170,13 @@ class LongLMModel(LongLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         tokens_shape = tuple(inputs_embeds.shape[:2])
-        for name, tensor in (("attention_mask", attention_mask), ("global_attention_mask", global_attention_mask), ("document_starts", document_starts)):
+        checked = {
+            "attention_mask": attention_mask,
+            "global_attention_mask": global_attention_mask,
+            "document_starts": document_starts,
+            "token_type_ids": token_type_ids,
+        }
+        for name, tensor in checked.items():
             if tensor is None or tuple(tensor.shape) == tokens_shape:
                 continue
             if tensor.dim() == 2 and tensor.shape[0] == tokens_shape[0] and tensor.shape[1] > tokens_shape[1]:
@@ -149,7 +185,7 @@ class LongLMModel(LongLMPreTrainedModel):
                     f"expected the shape of input_ids, {tokens_shape}."
                 )
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the shape of input_ids, {tokens_shape}.")
-        hidden = self.dropout(inputs_embeds * self.embed_scale)
+        hidden = self.embed(inputs_embeds, token_type_ids)
         hidden, before, after = self.memory.extend_inputs(memory, hidden)
         batch, length = hidden.shape[:2]
 
@@ -253,7 +289,7 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         if shift_labels is not None:
             lm_loss = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
-            loss = lm_loss + sum(outputs.aux_losses.values()) if outputs.aux_losses else lm_loss
+            loss = _with_aux_losses(lm_loss, outputs.aux_losses)
         return LongLMCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -298,4 +334,186 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         return None if memory is None else memory.select_rows(beam_idx)
 
 
-__all__ = ["LongLMPreTrainedModel", "LongLMModel", "LongLMForCausalLM"]
+def _with_aux_losses(loss: torch.Tensor | None, aux_losses: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """The training loss: the head's loss plus the memory's auxiliary losses (which train only the memory)."""
+    return loss + sum(aux_losses.values()) if loss is not None and aux_losses else loss
+
+
+class MaskedLMHead(nn.Module):
+    """BERT/RoBERTa's MLM head: dense -> activation -> LayerNorm -> vocabulary projection (tied to the input
+    embeddings) with a bias. The same layout as theirs, so `scripts/convert_hf.py` can carry a pretrained
+    head over."""
+
+    def __init__(self, config: LongLMConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(hidden))))
+
+
+class LongLMForMaskedLM(LongLMPreTrainedModel):
+    """Encoder (`is_decoder=False`) with an MLM head; `labels` hold the original ids at masked positions and
+    -100 elsewhere (what `longlm.training.masking` produces). With a memory (`rmt`) `.memory` goes to the
+    next segment, as for the decoder."""
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongLMConfig) -> None:
+        if config.is_decoder:
+            raise ValueError(
+                "LongLMForMaskedLM needs a bidirectional encoder, but config.is_decoder is True; "
+                "expected is_decoder=False."
+            )
+        super().__init__(config)
+        self.model = LongLMModel(config)
+        self.lm_head = MaskedLMHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head.decoder = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory: MemoryState | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        global_attention_mask: torch.Tensor | None = None,
+        document_starts: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> LongLMMaskedLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            memory=memory,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            global_attention_mask=global_attention_mask,
+            document_starts=document_starts,
+            token_type_ids=token_type_ids,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        mlm_loss = None
+        if labels is not None:
+            mlm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LongLMMaskedLMOutput(
+            loss=_with_aux_losses(mlm_loss, outputs.aux_losses),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            memory=outputs.memory,
+            lm_loss=mlm_loss,
+            aux_losses=outputs.aux_losses,
+        )
+
+
+def question_global_mask(input_ids: torch.LongTensor, sep_token_id: int | None) -> torch.Tensor:
+    """Longformer's convention for QA inputs `<s> question </s></s> context </s>`: global attention on every
+    token before the first separator (the question and the `<s>` before it, whose logit is the null answer)."""
+    if sep_token_id is None:
+        raise ValueError(
+            "Global attention on the question needs config.sep_token_id (the separator after the question); "
+            "expected it set, as scripts/finetune_qa.py sets it from the tokenizer, or a global_attention_mask."
+        )
+    is_sep = input_ids == sep_token_id
+    missing = (~is_sep.any(dim=1)).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"Row {missing[0]} of input_ids holds no sep_token_id ({sep_token_id}), so its question cannot be found; "
+            "expected `<s> question </s></s> context </s>` as the tokenizer builds it for a (question, context) pair."
+        )
+    first_sep = is_sep.int().argmax(dim=1)
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < first_sep[:, None]
+
+
+class LongLMForQuestionAnswering(LongLMPreTrainedModel):
+    """Extractive QA: start/end logits per token (SQuAD v2's null answer is the first token, `<s>`).
+
+    When a layer's mixer has global tokens (`sliding`, Longformer) and no `global_attention_mask` is given,
+    the question tokens get global attention (`question_global_mask`). Loads from any longlm folder,
+    a decoder's too: the backbone weights carry over, the span head starts fresh.
+    """
+
+    def __init__(self, config: LongLMConfig) -> None:
+        super().__init__(config)
+        self.model = LongLMModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @property
+    def uses_global_tokens(self) -> bool:
+        return any(layer.block.mixer.has_global_tokens for layer in self.model.layers)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        global_attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> LongLMQuestionAnsweringOutput:
+        if global_attention_mask is None and input_ids is not None and self.uses_global_tokens:
+            global_attention_mask = question_global_mask(input_ids, self.config.sep_token_id)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            global_attention_mask=global_attention_mask,
+            token_type_ids=token_type_ids,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).float().unbind(dim=-1)
+        if attention_mask is not None:  # padding is never an answer
+            start_logits = start_logits.masked_fill(~attention_mask.bool(), torch.finfo(start_logits.dtype).min)
+            end_logits = end_logits.masked_fill(~attention_mask.bool(), torch.finfo(end_logits.dtype).min)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            # HF's convention: positions outside the sequence are ignored
+            ignored = start_logits.shape[1]
+            start = F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
+            end = F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)
+            loss = _with_aux_losses((start + end) / 2, outputs.aux_losses)
+        return LongLMQuestionAnsweringOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            global_attention_mask=global_attention_mask,
+        )
+
+
+__all__ = [
+    "LongLMPreTrainedModel",
+    "LongLMModel",
+    "LongLMForCausalLM",
+    "LongLMForMaskedLM",
+    "LongLMForQuestionAnswering",
+    "question_global_mask",
+]

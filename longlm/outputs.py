@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, MaskedLMOutput, QuestionAnsweringModelOutput
 
 from longlm.memory.base import MemoryState
 
@@ -22,3 +22,20 @@ class LongLMCausalLMOutput(CausalLMOutput):
     memory: MemoryState | None = None
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class LongLMMaskedLMOutput(MaskedLMOutput):
+    """As `LongLMCausalLMOutput`, for the masked-LM head (`lm_loss` is the MLM loss)."""
+
+    memory: MemoryState | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class LongLMQuestionAnsweringOutput(QuestionAnsweringModelOutput):
+    """HF's QA output plus the global attention mask the model used (the question tokens, set automatically
+    for mixers with global tokens), so callers can see where global attention landed."""
+
+    global_attention_mask: torch.Tensor | None = None

@@ -20,6 +20,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_longlm.LongLMConfig",
     "AutoModel": "modeling_longlm.LongLMModel",
     "AutoModelForCausalLM": "modeling_longlm.LongLMForCausalLM",
+    "AutoModelForMaskedLM": "modeling_longlm.LongLMForMaskedLM",
+    "AutoModelForQuestionAnswering": "modeling_longlm.LongLMForQuestionAnswering",
 }
 _IMPORT_LINE = re.compile(rf"^(\s*)from {PACKAGE}\.([\w.]+) import", flags=re.MULTILINE)
 

@@ -44,6 +44,11 @@ class TokenMixer(nn.Module):
     through `init_extra_parameters`, which the model's `_init_weights` calls.
     """
 
+    # q/k/v/o projections take `config.attention_bias` (BERT-family checkpoints have biases there)
+    supports_attention_bias: bool = False
+    # reads `inputs.global_mask`: question answering then puts the question tokens there automatically
+    has_global_tokens: bool = False
+
     def __init__(self, config: "LongLMConfig", layer_idx: int) -> None:
         super().__init__()
         self.config = config

@@ -372,11 +372,13 @@ class BlockSparseAttention(TokenMixer):
     Same projections as `full` (q_proj, kv_proj, o_proj, no bias), so weights move between the two.
     """
 
+    supports_attention_bias = True
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
-        self.q_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
-        self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=False)
-        self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.inner_size, bias=config.attention_bias)
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.attention_bias)
         self.rotary = config.position_embedding_type == "rotary"
         self.block_size = config.block_size
         self.num_random_blocks = config.num_random_blocks

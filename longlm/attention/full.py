@@ -19,11 +19,13 @@ class FullAttention(TokenMixer):
     absolute position M + i and the scores depend only on the distance to each key.
     """
 
+    supports_attention_bias = True
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
-        self.q_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
-        self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=False)
-        self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.inner_size, bias=config.attention_bias)
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.attention_bias)
         self.rotary = config.position_embedding_type == "rotary"
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:

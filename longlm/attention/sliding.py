@@ -77,14 +77,17 @@ def check_window_fields(config, mixer: str) -> None:
 class SlidingWindowAttention(TokenMixer):
     """Longformer self-attention: banded local attention plus symmetric global attention (module docstring)."""
 
+    supports_attention_bias = True
+    has_global_tokens = True
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.inner_size, bias=False)
-        self.kv_proj = nn.Linear(hidden, 2 * self.inner_size, bias=False)
-        self.q_global_proj = nn.Linear(hidden, self.inner_size, bias=False)
-        self.kv_global_proj = nn.Linear(hidden, 2 * self.inner_size, bias=False)
-        self.o_proj = nn.Linear(self.inner_size, hidden, bias=False)
+        self.q_proj = nn.Linear(hidden, self.inner_size, bias=config.attention_bias)
+        self.kv_proj = nn.Linear(hidden, 2 * self.inner_size, bias=config.attention_bias)
+        self.q_global_proj = nn.Linear(hidden, self.inner_size, bias=config.attention_bias)
+        self.kv_global_proj = nn.Linear(hidden, 2 * self.inner_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.inner_size, hidden, bias=config.attention_bias)
         self.one_sided = layer_window(config, layer_idx) // 2
         self.dilation = layer_dilation(config, layer_idx)
         self.rotary = config.position_embedding_type == "rotary"
