@@ -11,3 +11,10 @@ PG19_SAMPLE = SHARED_DATA / "pg19-sample"
 requires_shared_data = pytest.mark.skipif(
     not ENWIK8_SAMPLE.exists() or not PG19_SAMPLE.exists(), reason="../shared/data is not beside the checkout"
 )
+QA_DATA = SHARED_DATA / "qa"
+SQUAD2_TRAIN = QA_DATA / "squad2-train.json"
+SQUAD2_DEV = QA_DATA / "squad2-dev.json"
+LONG_TRAIN = QA_DATA / "long-train.json"
+LONG_DEV = QA_DATA / "long-dev.json"
+
+requires_qa_data = pytest.mark.skipif(not SQUAD2_DEV.exists(), reason="../shared/data/qa is not beside the checkout")
