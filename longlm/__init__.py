@@ -14,6 +14,7 @@ from longlm.modeling_longlm import (
     LongLMModel,
     LongLMPreTrainedModel,
 )
+from longlm.pipelines import register_question_answering
 from longlm.presets import PRESETS
 
 AutoConfig.register(LongLMConfig.model_type, LongLMConfig, exist_ok=True)
@@ -21,6 +22,7 @@ AutoModel.register(LongLMConfig, LongLMModel, exist_ok=True)
 AutoModelForCausalLM.register(LongLMConfig, LongLMForCausalLM, exist_ok=True)
 AutoModelForMaskedLM.register(LongLMConfig, LongLMForMaskedLM, exist_ok=True)
 AutoModelForQuestionAnswering.register(LongLMConfig, LongLMForQuestionAnswering, exist_ok=True)
+register_question_answering()
 
 __version__ = "0.1.0"
 __all__ = [
