@@ -10,6 +10,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from longlm.training.checkpoint_io import AtomicCheckpointIO
 from longlm.training.datamodule import LMDataModule
 from longlm.training.lm_module import CausalLMPretraining
+from longlm.training.objectives import needs_encoder_tokens
 from longlm.training.strategies import DeepSpeedZeRO, load_deepspeed_config
 
 
@@ -17,6 +18,8 @@ class LongLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model's vocabulary is whatever the data's tokenizer has (bytes: 259; PG-19: its BPE).
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        # masked LM needs <mask> in the tokenizer, so the data's tokenizer (and with it that vocabulary) follows the task
+        parser.link_arguments("model.task", "data.encoder_tokens", compute_fn=needs_encoder_tokens)
 
     def before_instantiate_classes(self) -> None:
         """Check a DeepSpeed JSON before jsonargparse builds the strategy (it would bury the error in a list)."""

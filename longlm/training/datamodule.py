@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from longlm.data.corpus import CORPORA, CorpusSplit
+from longlm.data.encoder_tokens import with_encoder_tokens
 from longlm.training.sampler import ResumableSegmentSampler, SegmentDataset, rank_streams
 
 BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "bundled" / "persuasion.txt.gz"
@@ -25,6 +26,9 @@ class LMDataModule(L.LightningDataModule):
         eval_batch_size / eval_tgt_len: the same for validation and test.
         tokenizer_vocab_size: size of the subword tokenizer trained on PG-19's train split.
         cache_dir: where tokenised splits and tokenizers are cached (default ~/.cache/longlm).
+        encoder_tokens: give the tokenizer the encoder's `<s>`/`<mask>` (appended to the vocabulary when
+            missing, so the corpus's token ids do not change) and RoBERTa's pair template; masked LM needs
+            them, and the CLI sets this from `model.task`.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class LMDataModule(L.LightningDataModule):
         eval_tgt_len: int = 128,
         tokenizer_vocab_size: int = 32000,
         cache_dir: str | None = None,
+        encoder_tokens: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("tgt_len", tgt_len), ("eval_batch_size", eval_batch_size), ("eval_tgt_len", eval_tgt_len)):
@@ -49,9 +54,11 @@ class LMDataModule(L.LightningDataModule):
         self.batch_size, self.tgt_len = batch_size, tgt_len
         self.eval_batch_size, self.eval_tgt_len = eval_batch_size, eval_tgt_len
 
-    @property
+    @cached_property
     def tokenizer(self):
-        return self.corpus.tokenizer
+        """The corpus's tokenizer (with the encoder tokens if asked): the model's vocabulary and the one saved
+        with checkpoints and the exported folder."""
+        return with_encoder_tokens(self.corpus.tokenizer) if self.hparams.encoder_tokens else self.corpus.tokenizer
 
     @property
     def vocab_size(self) -> int:

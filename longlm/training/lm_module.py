@@ -1,11 +1,15 @@
 """`CausalLMPretraining`: segment-recurrent LM training of any longlm preset.
 
-Each training step feeds the next segment of every stream and keeps the memory the model returns for the
-step after (the Transformer-XL recipe). With `config.bptt_depth` k > 1 (RMT) a step feeds the next k segments,
-keeps the graph through the memory between them, backpropagates their mean loss once and detaches the
-memory it carries to the next step. Checkpoints carry that memory, the position in the streams, the RNG
-state and the tokenizer, so a resumed run takes exactly the step an uninterrupted run would have taken and
-`scripts/export.py` can write an HF folder from the checkpoint alone.
+`task` picks the objective (`longlm.training.objectives`: `causal` next-token prediction, or `mlm` masked LM
+with BERT masking); the loop is the same for every objective. Each training step feeds the next segment of
+every stream and keeps the memory the model returns for the step after (the Transformer-XL recipe). With
+`config.bptt_depth` k > 1 (RMT) a step feeds the next k segments, keeps the graph through the memory between
+them, backpropagates their mean loss once and detaches the memory it carries to the next step. Checkpoints
+carry that memory, the position in the streams, the RNG state and the tokenizer, so a resumed run takes
+exactly the step an uninterrupted run would have taken and `scripts/export.py` can write an HF folder from
+the checkpoint alone. Masked LM draws its masks from torch's global RNG in training (saved per rank with the
+checkpoint, so a resumed run masks exactly as the uninterrupted one) and from a fixed-seed generator in
+validation and test (the same masks in every pass and every run, so their losses compare).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 from longlm.configuration_longlm import LongLMConfig
 from longlm.data.streams import memory_for_segment
 from longlm.memory.base import MemoryState
-from longlm.modeling_longlm import LongLMForCausalLM
+from longlm.training.objectives import build_objective
 from longlm.training.schedule import warmup_cosine
 from longlm.training.tokenizer_files import tokenizer_to_files
 
@@ -31,11 +35,13 @@ SHAPE_FIELDS = (
     "intermediate_size",
     "mixer",
     "memory",
+    "is_decoder",
 )
+EVAL_MASKING_SEED = 0  # validation/test masks come from a generator seeded with this at each pass
 
 
 class CausalLMPretraining(L.LightningModule):
-    """LM pretraining module.
+    """LM pretraining module (causal or masked LM: the name predates `task`).
 
     Args:
         preset: a name from `longlm.presets.PRESETS`.
@@ -46,6 +52,9 @@ class CausalLMPretraining(L.LightningModule):
             over the run's total steps.
         gradient_checkpointing: recompute each block in backward instead of keeping its activations
             (HF's activation checkpointing): less memory, about a third more compute.
+        task: the objective, a name in `longlm.training.objectives.OBJECTIVES` (`causal`, `mlm`); `mlm`
+            trains `LongLMForMaskedLM` and sets `is_decoder: false` (true is refused).
+        masking: `mlm` only: `{probability: 0.15, whole_word: false}` (`longlm.training.masking`).
     """
 
     def __init__(
@@ -59,16 +68,20 @@ class CausalLMPretraining(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
+        task: str = "causal",
+        masking: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        overrides = dict(config or {})
+        self.objective = build_objective(task, masking)
+        overrides = self.objective.config_overrides(dict(config or {}))
         overrides["vocab_size"] = vocab_size
-        self.model = LongLMForCausalLM(LongLMConfig.from_preset(preset, **overrides))
+        self.model = self.objective.model_class(LongLMConfig.from_preset(preset, **overrides))
         if gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
             getattr(self.model, "activation_checkpointing_enable", self.model.gradient_checkpointing_enable)()
         self.train_memory: MemoryState | None = None
         self.eval_memory: MemoryState | None = None
+        self.eval_generator: torch.Generator | None = None  # masking in validation/test; None in training
         self.next_train_segment = 0
         self.tokenizer = None  # attached by the data module at fit start, saved with checkpoints
 
@@ -79,19 +92,19 @@ class CausalLMPretraining(L.LightningModule):
 
     # --- steps -----------------------------------------------------------------------------------------
     def _segment_step(self, batch: dict[str, Any], memory: MemoryState | None, detach: bool = True):
+        """Forward one segment as the objective prepares it; returns (output, memory for the next, model inputs)."""
         memory = memory_for_segment(memory, batch)
-        out = self.model(
-            input_ids=batch["input_ids"], memory=memory, shift_labels=batch["labels"], document_starts=batch["document_starts"]
-        )
+        inputs = self.objective.model_inputs(batch, self.tokenizer, None if self.training else self.eval_generator)
+        out = self.model(**inputs, memory=memory, document_starts=batch["document_starts"])
         next_memory = out.memory.detach() if out.memory is not None and detach else out.memory
-        return out, next_memory
+        return out, next_memory, inputs
 
     def _bptt_window(self, segments: list[dict[str, Any]], memory: MemoryState | None):
         """Consecutive segments of the same streams with the memory kept in the graph between them (so the
         loss of the last one reaches the first through the memory); the memory after the last is detached."""
         outs = []
         for index, batch in enumerate(segments):
-            out, memory = self._segment_step(batch, memory, detach=index == len(segments) - 1)
+            out, memory, _ = self._segment_step(batch, memory, detach=index == len(segments) - 1)
             outs.append(out)
         return outs, memory
 
@@ -110,7 +123,7 @@ class CausalLMPretraining(L.LightningModule):
         """One segment, or (with `bptt_depth` k > 1) a list of k consecutive segments whose mean loss is
         backpropagated once through the memory carried between them (truncated BPTT over k segments)."""
         if isinstance(batch, dict):
-            out, self.train_memory = self._segment_step(batch, self.train_memory)
+            out, self.train_memory, _ = self._segment_step(batch, self.train_memory)
             self.next_train_segment = batch["segment"] + 1
             self._log_losses("train", out.lm_loss, out.aux_losses, batch["labels"].numel())
             return out.loss
@@ -118,16 +131,19 @@ class CausalLMPretraining(L.LightningModule):
         self.next_train_segment = batch[-1]["segment"] + 1
 
         def mean(values) -> torch.Tensor:  # training segments all have tgt_len tokens, so this is the token mean
-            return torch.stack(list(values)).mean()
+            return torch.stack(list(values)).mean()  # (masked LM: of segments with about the same masked count)
 
         aux = {name: mean(o.aux_losses[name] for o in outs) for name in outs[0].aux_losses or {}}
         tokens = sum(b["labels"].numel() for b in batch)
         self._log_losses("train", mean(o.lm_loss for o in outs), aux, tokens)
         return mean(o.loss for o in outs)
 
-    def _eval_step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
-        out, self.eval_memory = self._segment_step(batch, self.eval_memory)
-        self._log_losses(prefix, out.lm_loss, out.aux_losses, batch["labels"].numel())
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> torch.Tensor | None:
+        out, self.eval_memory, inputs = self._segment_step(batch, self.eval_memory)
+        tokens = self.objective.scored_tokens(inputs)
+        if tokens == 0:  # a short last segment may have no masked token: nothing to score, the memory still moves
+            return None
+        self._log_losses(prefix, out.lm_loss, out.aux_losses, tokens)
         return out.lm_loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -136,16 +152,27 @@ class CausalLMPretraining(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "test")
 
-    def on_validation_epoch_start(self) -> None:
+    def _start_eval_pass(self) -> None:
+        """Every pass starts with no memory and the same masking draws (a private generator: the global RNG,
+        which training masks and dropout draw on, is left as it was)."""
         self.eval_memory = None
+        self.eval_generator = torch.Generator(device=self.device).manual_seed(EVAL_MASKING_SEED)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval_pass()
 
     def on_test_epoch_start(self) -> None:
-        self.eval_memory = None
+        self._start_eval_pass()
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and self.tokenizer is None:
             self.tokenizer = datamodule.tokenizer
+        if self.tokenizer is not None and len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(self.tokenizer)} tokens but model.vocab_size is {self.model.config.vocab_size}; "
+                "expected at least as many (the CLI links model.vocab_size from data.vocab_size)."
+            )
 
     # --- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self):
