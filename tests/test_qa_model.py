@@ -175,3 +175,15 @@ def test_pipeline_question_answering_answers(tokenizer, squad_pairs, tmp_path):
     best_start, best_end = np.unravel_index(np.where(allowed, scores, -np.inf).argmax(), scores.shape)
     offsets = encoding["offset_mapping"][0]
     assert (answer["start"], answer["end"]) == (int(offsets[best_start][0]), int(offsets[best_end][1]))
+
+
+def test_finetuning_module_trains_in_train_mode(tokenizer, tmp_path):
+    """from_pretrained hands back eval mode and Lightning keeps the modes it finds: the module must switch
+    dropout back on, or fine-tuning silently runs without it."""
+    from longlm.training.qa_module import QuestionAnsweringFinetuning
+
+    _qa_model(tokenizer, hidden_dropout_prob=0.1).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    module = QuestionAnsweringFinetuning(pretrained=str(tmp_path))
+    assert all(m.training for m in module.model.modules())
+    assert module.model.config.sep_token_id == module.tokenizer.sep_token_id

@@ -44,6 +44,7 @@ class QuestionAnsweringFinetuning(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model, self.tokenizer = load_qa_model(pretrained, **(config or {}))
+        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
         if gradient_checkpointing:
             self.model.activation_checkpointing_enable()
         self._val_starts: list = []
