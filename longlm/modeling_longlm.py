@@ -373,12 +373,6 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
         self.lm_head = MaskedLMHead(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head.decoder
 
@@ -459,12 +453,6 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
     @property
     def uses_global_tokens(self) -> bool:
         return any(layer.block.mixer.has_global_tokens for layer in self.model.layers)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def forward(
         self,

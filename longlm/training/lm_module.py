@@ -23,7 +23,7 @@ from longlm.configuration_longlm import LongLMConfig
 from longlm.data.streams import memory_for_segment
 from longlm.memory.base import MemoryState
 from longlm.training.objectives import build_objective
-from longlm.training.schedule import warmup_cosine
+from longlm.training.optim import adamw_with_warmup_cosine
 from longlm.training.tokenizer_files import tokenizer_to_files
 
 SHAPE_FIELDS = (
@@ -176,16 +176,7 @@ class CausalLMPretraining(L.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "norm" in name or "bias" in name else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = _adamw(groups, self.hparams.learning_rate, tuple(self.hparams.betas), self._trainer)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup_cosine(self, self.model)
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
@@ -244,14 +235,3 @@ def _gather_objects(local: Any) -> list[Any]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, local)
     return gathered
-
-
-def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], trainer: Any) -> torch.optim.Optimizer:
-    """AdamW; DeepSpeed's CPU AdamW (a compiled op) when DeepSpeed keeps the optimizer states on the CPU."""
-    from longlm.training.strategies import offloads_optimizer
-
-    if trainer is not None and offloads_optimizer(trainer.strategy):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
