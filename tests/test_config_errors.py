@@ -88,3 +88,25 @@ def test_from_pretrained_on_folder_without_config(tmp_path):
     (folder / "model.safetensors").write_bytes(b"")
     message = _raises([str(folder), "config.json"], lambda: LongLMForCausalLM.from_pretrained(folder), FileNotFoundError)
     assert message.startswith("Model folder")
+
+
+def test_attention_bias_with_a_mixer_without_biases():
+    message = _raises(["attention_bias", "'relative'"], lambda: LongLMConfig.from_preset("transformer-xl", attention_bias=True))
+    assert "'full'" not in message
+
+
+@pytest.mark.parametrize("field", ["position_offset", "type_vocab_size"])
+def test_negative_embedding_fields(field):
+    _raises([field], lambda: LongLMConfig(**{field: -1}))
+
+
+def test_sequence_longer_than_the_absolute_position_table():
+    import torch
+
+    config = LongLMConfig(
+        mixer="full", num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, memory="none",
+        position_embedding_type="absolute", max_position_embeddings=12, position_offset=2,
+    )
+    model = LongLMForCausalLM(config)
+    model(input_ids=torch.zeros(1, 10, dtype=torch.long))  # positions 2..11 fit
+    _raises(["11 tokens", "max_position_embeddings=12", "position_offset=2"], lambda: model(input_ids=torch.zeros(1, 11, dtype=torch.long)))

@@ -369,7 +369,8 @@ def flex_block_sparse_attention(
 class BlockSparseAttention(TokenMixer):
     """BigBird ITC attention (see the module docstring); rotary when `position_embedding_type="rotary"`.
 
-    Same projections as `full` (q_proj, kv_proj, o_proj, no bias), so weights move between the two.
+    Same projections as `full` (q_proj, kv_proj, o_proj; biased when `attention_bias`), so weights move between
+    the two.
     """
 
     supports_attention_bias = True
