@@ -46,6 +46,23 @@ def _flag_recomputation():
     return contextlib.nullcontext(), recomputing()
 
 
+def _flag_second_run(checkpoint_func):
+    """Reentrant checkpointing's rerun in backward is the second call of the wrapped function: flag it."""
+
+    def run(function, *args: Any, **kwargs: Any):
+        calls = 0
+
+        def counted(*inner: Any, **inner_kwargs: Any):
+            nonlocal calls
+            calls += 1
+            with recomputing() if calls > 1 else contextlib.nullcontext():
+                return function(*inner, **inner_kwargs)
+
+        return checkpoint_func(counted, *args, **kwargs)
+
+    return run
+
+
 class LongLMPreTrainedModel(PreTrainedModel):
     config_class = LongLMConfig
     base_model_prefix = "model"
@@ -61,9 +78,23 @@ class LongLMPreTrainedModel(PreTrainedModel):
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args: Any, **kwargs: Any) -> None:
         """HF's checkpointing, with the recomputation flagged (`longlm.layers.recompute`) so that mixers with
-        training side effects (routing's centroid updates) apply them once per step, as reversible blocks do."""
-        options = {"use_reentrant": False, "context_fn": _flag_recomputation, **(activation_checkpointing_kwargs or {})}
+        training side effects (routing's centroid updates) apply them once per step, as reversible blocks do.
+
+        Non-reentrant checkpointing flags the rerun through `context_fn`; reentrant checkpointing (which takes
+        no `context_fn`) runs the layer twice, so the second run of each call is the flagged one."""
+        if self.config.reversible:
+            raise ValueError(
+                "Gradient checkpointing does not apply to reversible=True: reversible blocks already recompute "
+                "their activations in backward; expected reversible=False to checkpoint layers."
+            )
+        options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if not options["use_reentrant"]:
+            options.setdefault("context_fn", _flag_recomputation)
         super()._activation_checkpointing_enable(options, *args, **kwargs)
+        if options["use_reentrant"]:
+            for module in self.modules():
+                if isinstance(module, LongLMLayer) and module.gradient_checkpointing:
+                    module._gradient_checkpointing_func = _flag_second_run(module._gradient_checkpointing_func)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save config + safetensors, plus the flat model code that `trust_remote_code=True` loads."""
@@ -167,6 +198,8 @@ class LongLMModel(LongLMPreTrainedModel):
         document inside the segment (read by memories that must forget at document ends)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
+        return_dict = _flag(return_dict, self.config.return_dict)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         tokens_shape = tuple(inputs_embeds.shape[:2])
@@ -221,11 +254,17 @@ class LongLMModel(LongLMPreTrainedModel):
         segment = SegmentPass(layer_inputs, hidden, attention_mask, mixers, document_starts=starts)
         new_memory = self.memory.update(memory, segment)
         aux_losses = self.memory.auxiliary_losses(memory, segment) if self.training else {}
-        all_hidden = tuple(layer_inputs) + (hidden,) if output_hidden_states else None
-        hidden = hidden[:, before : hidden.shape[1] - after]
-        return LongLMModelOutput(
-            last_hidden_state=hidden, hidden_states=all_hidden, memory=new_memory, aux_losses=aux_losses or None
+        if output_hidden_states and self.config.reversible:
+            raise ValueError(
+                "output_hidden_states is not available with reversible=True: reversible blocks keep no per-layer "
+                "activations; expected output_hidden_states=False or a config with reversible=False."
+            )
+        tokens = slice(before, hidden.shape[1] - after)  # drop the positions the memory added (RMT's slots)
+        all_hidden = tuple(h[:, tokens] for h in (*layer_inputs, hidden)) if output_hidden_states else None
+        output = LongLMModelOutput(
+            last_hidden_state=hidden[:, tokens], hidden_states=all_hidden, memory=new_memory, aux_losses=aux_losses or None
         )
+        return output if return_dict else output.to_tuple()
 
 
 class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
@@ -262,7 +301,6 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         memory: MemoryState | None = None,
         labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -277,6 +315,7 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             memory=memory,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             global_attention_mask=global_attention_mask,
             document_starts=document_starts,
         )
@@ -285,12 +324,14 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = lm_loss = None
+        # not in the signature: Trainer takes every `*label*` argument it sees there as a required batch key
+        shift_labels = kwargs.pop("shift_labels", None)
         if labels is not None and shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         if shift_labels is not None:
             lm_loss = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
             loss = _with_aux_losses(lm_loss, outputs.aux_losses)
-        return LongLMCausalLMOutput(
+        output = LongLMCausalLMOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -298,21 +339,27 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             aux_losses=outputs.aux_losses,
         )
+        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
 
     # --- generation: the memory is the cache -------------------------------------------------------
-    # During generate() the memory travels under HF's cache name `past_key_values`, so beam search
-    # reorders it with the beams (through `_reorder_cache`).
+    # During generate() the memory travels in `model_kwargs[GENERATION_MEMORY_KEY]`, a name every
+    # transformers 5.x generate loop treats as a model's own cache: beam search reorders it with the
+    # beams (through `_reorder_cache`) and `return_dict_in_generate` returns it as the output's cache.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """The memory is the cache: generate must not build a `DynamicCache` beside it."""
+        return False
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Any = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Feed only the tokens the memory has not absorbed when the memory carries the context;
         otherwise feed the whole sequence again, with what the memory says each step reads
         (`SegmentMemory.generation_memory`: nothing for most memories)."""
-        memory = past_key_values if isinstance(past_key_values, MemoryState) else kwargs.get("memory")
+        memory = generation_memory_from(kwargs)
         if memory is not None and self.model.memory.carries_context:
             seen = memory.num_tokens
             input_ids = input_ids[:, seen:]
@@ -325,13 +372,58 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        model_kwargs.pop("memory", None)
-        model_kwargs["past_key_values"] = outputs.memory
+        for name in (*_USER_MEMORY_KEYS, GENERATION_MEMORY_KEY):
+            model_kwargs.pop(name, None)
+        model_kwargs[GENERATION_MEMORY_KEY] = outputs.memory
         return model_kwargs
 
     @staticmethod
     def _reorder_cache(memory: MemoryState | None, beam_idx: torch.LongTensor) -> MemoryState | None:
         return None if memory is None else memory.select_rows(beam_idx)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        """HF repeats the tensors for beams / `num_return_sequences`; a memory passed in is repeated the same way."""
+        memory = generation_memory_from(model_kwargs)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if memory is not None and expand_size > 1:
+            for name in (*_USER_MEMORY_KEYS, GENERATION_MEMORY_KEY):
+                model_kwargs.pop(name, None)
+            rows = torch.arange(input_ids.shape[0] // expand_size, device=input_ids.device).repeat_interleave(expand_size)
+            model_kwargs[GENERATION_MEMORY_KEY] = memory.select_rows(rows)
+        return input_ids, model_kwargs
+
+
+# The key under which generate() carries the memory between steps. transformers 5.23 names its own cache
+# `past_key_values` and 5.24 `cache` (and gives both a `Cache` meaning: `DynamicCache`, `get_seq_length`);
+# `mems` is the model-owned cache name both keep in `ALL_CACHE_NAMES`, so reordering and returning it work
+# the same on each.
+GENERATION_MEMORY_KEY = "mems"
+# Names a user may pass a memory under: `memory` (forward's name) and the HF cache names.
+_USER_MEMORY_KEYS = ("memory", "cache", "past_key_values")
+
+
+def generation_memory_from(model_kwargs: dict[str, Any]) -> MemoryState | None:
+    """The memory generate() is carrying, or the one the user passed to it, whichever key holds it."""
+    for name in (GENERATION_MEMORY_KEY, *_USER_MEMORY_KEYS):
+        if isinstance(model_kwargs.get(name), MemoryState):
+            return model_kwargs[name]
+    return None
+
+
+def generated_memory(output: Any) -> MemoryState | None:
+    """The memory at the end of `generate(..., return_dict_in_generate=True)` (`cache` from transformers
+    5.24 on, `past_key_values` before)."""
+    for name in ("cache", "past_key_values"):
+        if isinstance(getattr(output, name, None), MemoryState):
+            return getattr(output, name)
+    return None
+
+
+def _flag(value: bool | None, default: bool | None) -> bool:
+    """A per-call output switch, falling back to the config's (HF's convention for return_dict and friends)."""
+    return bool(default) if value is None else bool(value)
 
 
 def _with_aux_losses(loss: torch.Tensor | None, aux_losses: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
@@ -399,6 +491,7 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
             memory=memory,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             global_attention_mask=global_attention_mask,
             document_starts=document_starts,
             token_type_ids=token_type_ids,
@@ -407,7 +500,7 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
         mlm_loss = None
         if labels is not None:
             mlm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return LongLMMaskedLMOutput(
+        output = LongLMMaskedLMOutput(
             loss=_with_aux_losses(mlm_loss, outputs.aux_losses),
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -415,6 +508,7 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
             lm_loss=mlm_loss,
             aux_losses=outputs.aux_losses,
         )
+        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
 
 
 def question_global_mask(input_ids: torch.LongTensor, sep_token_id: int | None) -> torch.Tensor:
@@ -474,6 +568,7 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             global_attention_mask=global_attention_mask,
             token_type_ids=token_type_ids,
         )
@@ -488,13 +583,14 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
             start = F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
             end = F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)
             loss = _with_aux_losses((start + end) / 2, outputs.aux_losses)
-        return LongLMQuestionAnsweringOutput(
+        output = LongLMQuestionAnsweringOutput(
             loss=loss,
             start_logits=start_logits,
             end_logits=end_logits,
             hidden_states=outputs.hidden_states,
             global_attention_mask=global_attention_mask,
         )
+        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
 
 
 __all__ = [

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tests.remote_code_check import run_remote
 from longlm import LongLMConfig, LongLMForCausalLM
+from longlm.modeling_longlm import generated_memory
 from longlm.attention.base import MixerInputs
 from longlm.attention.knn import KNNAttention, KNNStore, search_faiss, search_torch
 from longlm.attention.relative import RelativeAttention
@@ -319,7 +320,7 @@ def test_generate_carries_the_memory(knn_config):
     prompt = _ids(config, 2, SEG)
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-        memory = out.past_key_values
+        memory = generated_memory(out)
         assert isinstance(memory, KNNMemoryState)
         assert memory.num_tokens == SEG + 5 and memory.store_valid.shape[1] == min(SEG + 5, config.knn_memory_size)
         # the first generated token is the argmax of the prompt's last logits

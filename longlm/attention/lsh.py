@@ -170,7 +170,7 @@ class LSHAttention(TokenMixer):
             out = FusedChunkAttention.apply(packed, bias, plan)
         else:
             out = chunk_attention(packed, bias, plan, dropout)
-        out = out.view(batch, heads, padded, head_dim)[:, :, :length]
+        out = out.view(batch, heads, padded, head_dim)[:, :, :length].to(hidden.dtype)  # the chunk kernels may work in fp32
         return self.o_proj(self.merge_heads(out))
 
 
@@ -322,6 +322,8 @@ class FusedChunkAttention(torch.autograd.Function):
             grad = grad[:, None] * weights[..., None]
             out = out.reshape(-1, head_dim).index_select(0, plan.slot_rows).view(q.shape)
         grad_sorted = grad.reshape(-1, head_dim).index_select(0, plan.unsort_rows).view(q.shape)
+        # the round weights are float32; the kernel wants its grad and output in the inputs' dtype (bf16 training)
+        grad_sorted, out = grad_sorted.to(q.dtype), out.to(q.dtype)
         dq, dk, dv = _flash_backward(grad_sorted, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=1.0)
         d_packed = torch.empty_like(packed)
         length = q.shape[1] * c

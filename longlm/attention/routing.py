@@ -245,6 +245,14 @@ class RoutingAttention(TokenMixer):
     def check_config(cls, config) -> None:
         check_routing_fields(config)
 
+    def init_extra_parameters(self, init_normal) -> None:
+        """Fresh unit centroids (a buffer, so HF's weight init would otherwise leave a meta/empty tensor);
+        loaded centroids are kept as they are."""
+        from transformers import initialization as init
+
+        drawn = torch.randn(self.centroids.shape, device=self.centroids.device, dtype=torch.float32)
+        init.copy_(self.centroids, F.normalize(drawn, dim=-1).to(self.centroids.dtype))
+
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, heads, self.head_dim).transpose(1, 2)

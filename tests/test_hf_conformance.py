@@ -1,0 +1,216 @@
+"""Hugging Face habits, for every preset: in the spirit of transformers' `ModelTesterMixin` and
+`GenerationTesterMixin` (outputs, return_dict, hidden states, Trainer, checkpointing, dtypes, beam search,
+beam sampling, continuing from a returned memory, the text-generation pipeline)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longlm import LongLMForCausalLM
+from longlm.layers.block import LongLMBlock
+from longlm.modeling_longlm import generated_memory
+from tests.presets_tiny import PRESET_NAMES, tiny_preset_config
+
+VOCAB = 97
+
+
+def _model(name: str, **overrides) -> LongLMForCausalLM:
+    # untied head: a tiny random model with tied embeddings mostly repeats its last token whatever the context
+    config = tiny_preset_config(name, vocab_size=VOCAB, eos_token_id=None, tie_word_embeddings=False, **overrides)
+    return LongLMForCausalLM(config).eval()
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_return_dict_false_gives_the_same_values_as_a_tuple(name):
+    model = _model(name)
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        as_dict = model(ids, labels=ids)
+        as_tuple = model(ids, labels=ids, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(ids, labels=ids)
+    assert isinstance(as_tuple, tuple) and isinstance(from_config, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits, rtol=0, atol=0)
+    torch.testing.assert_close(from_config[1], as_dict.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_config_output_hidden_states_is_honoured(name):
+    model = _model(name)
+    ids = _ids(2, 16)
+    model.config.output_hidden_states = True
+    if model.config.reversible:
+        with pytest.raises(ValueError, match=r"^output_hidden_states is not available with reversible=True[^\n]*\.$"):
+            model(ids)
+        return
+    with torch.no_grad():
+        out = model(ids)
+        explicit_off = model(ids, output_hidden_states=False)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h.shape == (2, 16, model.config.hidden_size) for h in out.hidden_states)  # the tokens only
+    assert explicit_off.hidden_states is None
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_trainer_evaluate_reports_eval_loss_with_default_arguments(name, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _model(name)
+    rows = [{"input_ids": _ids(1, 16, seed)[0], "labels": _ids(1, 16, seed)[0]} for seed in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = Trainer(model=model, args=args, eval_dataset=rows).evaluate()
+    assert "eval_loss" in metrics
+    with torch.no_grad():
+        batches = [torch.stack([r["input_ids"] for r in rows[i : i + 2]]) for i in (0, 2)]
+        expected = sum(model(b, labels=b).loss.item() for b in batches) / 2
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient checkpointing and dtypes
+# --------------------------------------------------------------------------------------------------
+def _grads(model, ids):
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_gradient_checkpointing_gives_the_same_gradients(name, use_reentrant, monkeypatch):
+    model = _model(name).train()
+    ids = _ids(2, 16)
+    if model.config.reversible:
+        with pytest.raises(ValueError, match=r"^Gradient checkpointing does not apply to reversible=True[^\n]*\.$"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        return
+    torch.manual_seed(0)
+    plain = _grads(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    calls = []
+    forward = LongLMBlock.forward
+    monkeypatch.setattr(LongLMBlock, "forward", lambda self, *a, **k: calls.append(self) or forward(self, *a, **k))
+    model.load_state_dict(state)  # buffers a training step moves (routing's centroids) start where they did
+    torch.manual_seed(0)
+    checkpointed = _grads(model, ids)
+    assert len(calls) == 2 * model.config.num_hidden_layers  # each block reran in backward: checkpointing is on
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    for key, value in model.state_dict().items():  # side effects (centroid updates) applied once, not twice
+        if key.endswith("centroids"):
+            model_once = _model(name).train()
+            model_once.load_state_dict(state)
+            torch.manual_seed(0)
+            _grads(model_once, ids)
+            torch.testing.assert_close(value, model_once.state_dict()[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_bfloat16_forward_and_backward(name):
+    model = _model(name).train().to(torch.bfloat16)
+    ids = _ids(2, 16)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_fresh_weights_are_initialised_even_on_the_meta_device(name):
+    """`from_config` under HF's meta-device init leaves no buffer or parameter uninitialised (routing's
+    centroids are unit vectors)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_preset_config(name, vocab_size=VOCAB)
+    model = AutoModelForCausalLM.from_config(config)
+    for key, value in model.state_dict().items():
+        assert torch.isfinite(value.float()).all(), key
+        if key.endswith("centroids"):
+            torch.testing.assert_close(value.norm(dim=-1), torch.ones(value.shape[:-1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------------
+def _sequence_log_prob(model, sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Sum of log p(token | everything before it) over the generated tokens, from one forward."""
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(sequences).logits.float(), dim=-1)
+    picked = log_probs[:, prompt_length - 1 : -1].gather(-1, sequences[:, prompt_length:, None])[..., 0]
+    return picked.sum(-1)
+
+
+# memorizing: a token fed alone sits in the XL cache and is also written to the kNN store, so generation
+# retrieves it twice and differs from one forward (issue 12, "generate() equals the training-time forward")
+KNOWN_GENERATE_MISMATCH = {"memorizing"}
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["beam-search", "beam-sampling"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 12: kNN store written per generated token"))
+        if n in KNOWN_GENERATE_MISMATCH
+        else n
+        for n in PRESET_NAMES
+    ],
+)
+def test_beam_scores_equal_the_forward_log_probabilities(name, do_sample):
+    """Each returned beam's score is the log-probability one forward gives its tokens: the memory followed
+    the beams (reordered with them) and no step saw another beam's context."""
+    model = _model(name)
+    prompt = _ids(2, 8)
+    torch.manual_seed(0)
+    extra = dict(top_k=0, top_p=1.0, temperature=1.0) if do_sample else {}
+    out = model.generate(
+        prompt, max_new_tokens=6, min_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=do_sample,
+        length_penalty=0.0, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **extra,
+    )
+    assert out.sequences.shape == (4, 14)
+    assert torch.equal(out.sequences[:, :8], prompt.repeat_interleave(2, dim=0))
+    torch.testing.assert_close(out.sequences_scores, _sequence_log_prob(model, out.sequences, 8), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_generation_continues_from_a_returned_memory(name):
+    model = _model(name)
+    prompt = _ids(2, 6)
+    with torch.no_grad():
+        once = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        first = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        memory = generated_memory(first)
+        resumed = model.generate(first.sequences, memory=memory, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert resumed.tolist() == once.tolist()
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_text_generation_pipeline_with_beams(name):
+    from transformers import ByT5Tokenizer, pipeline
+
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    config = tiny_preset_config(name, vocab_size=259, eos_token_id=None, tie_word_embeddings=False)
+    model = LongLMForCausalLM(config).eval()
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    options = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    out = generator("It is a truth", return_tensors=True, **options)
+    ids = tokenizer("It is a truth", return_tensors="pt").input_ids  # as the pipeline encodes it (ByT5 appends </s>)
+    expected = model.generate(ids, **options)
+    assert list(out[0]["generated_token_ids"]) == expected[0].tolist()  # random bytes need not decode: compare ids
