@@ -5,9 +5,17 @@ A paper recipe is a preset (see `longlm.presets`): a named set of field values, 
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import difflib
+import functools
+import inspect
+import math
+import os
+import re
+from typing import Any, Callable
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
 from longlm.attention import MIXERS
 from longlm.memory import MEMORIES
@@ -15,6 +23,205 @@ from longlm.memory import MEMORIES
 POSITION_EMBEDDING_TYPES = ("none", "rotary", "absolute")  # "relative" positions belong to the relative mixer
 # mixer name -> config field listing the layers that use it instead of `mixer`
 LAYER_MIXER_FIELDS = {"knn": "knn_layers", "routing": "routing_layers"}
+# memories whose state keeps the graph between segments, so `bptt_depth` > 1 backpropagates through it (the
+# others detach what they carry: xl/compressive/knn cache detached states, none carries nothing)
+BPTT_MEMORIES = ("rmt",)
+# mixers whose `attention_window` w is split into w/2 keys on each side (Longformer's convention, which HF's
+# Longformer enforces with an even window): an odd w would silently act as w - 1
+EVEN_WINDOW_MIXERS = ("sliding",)
+# Keys Hugging Face accepts or writes on a config that neither the dataclass fields nor a fresh
+# `PretrainedConfig` show: `PretrainedConfig.__init__` arguments of transformers 4.x (still in config.json
+# files and in transformers' common tests), keys `__post_init__` pops (also found in its source, see
+# `_hf_post_init_keys`), and keys written next to the fields (`auto_map` by save_pretrained with custom code,
+# `quantization_config` by quantizers, `_attn_implementation_autoset` by transformers 4.4x)
+HF_EXTRA_CONFIG_KEYS = frozenset(
+    {
+        "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "cross_attention_hidden_size",
+        "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "tokenizer_class", "prefix",
+        "task_specific_params", "decoder_start_token_id",
+        "torch_dtype", "num_labels", "rope_scaling", "name_or_path", "_commit_hash", "output_attentions",
+        "attn_implementation", "experts_implementation", "per_layer_config",
+        "_attn_implementation_internal", "_experts_implementation_internal",
+        "model_type", "auto_map", "quantization_config", "_attn_implementation_autoset", "_name_or_path",
+    }
+)
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML/JSON give `true` where a typo meant a number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool (NaN or inf sizes and rates only fail later)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _positive_int_or_none(value: Any) -> bool:
+    return value is None or _positive_int(value)
+
+
+def _probability(value: Any) -> bool:
+    return _is_number(value) and 0.0 <= value < 1.0
+
+
+def _positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _int_or_int_list(value: Any, ok: Callable[[Any], bool]) -> bool:
+    """One value, or a (possibly nested) list of them (per-layer windows, per-layer/per-head dilations)."""
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0 and all(_int_or_int_list(item, ok) for item in value)
+    return ok(value)
+
+
+def _layer_list(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple)) and all(_is_int(index) for index in value))
+
+
+# field -> (valid?, what was expected), checked before the mixers read them (sizes, rates, flags)
+CORE_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{
+        name: (_positive_int, "a positive integer")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "head_dim")
+    },
+    "max_position_embeddings": (_positive_int, "a positive integer"),
+    "mem_len": (_non_negative_int, "a non-negative integer"),
+    "clamp_len": (_positive_int_or_none, "a positive integer or None"),
+    "position_offset": (_non_negative_int, "a non-negative integer"),
+    "type_vocab_size": (_non_negative_int, "a non-negative integer"),
+    "feed_forward_chunk_size": (_non_negative_int, "a non-negative integer (0 = no chunking)"),
+    "bptt_depth": (_positive_int, "a positive integer (segments per gradient window)"),
+    "hidden_dropout_prob": (_probability, "a number in [0, 1)"),
+    "attention_dropout": (_probability, "a number in [0, 1)"),
+    "layer_norm_eps": (_positive_number, "a positive number (the LayerNorm divides by sqrt(variance + eps))"),
+    "rope_theta": (_positive_number, "a positive number (the rotary base)"),
+    "initializer_range": (lambda v: _is_number(v) and v >= 0, "a non-negative number (the init std)"),
+    "hidden_act": (lambda v: isinstance(v, str) and v in ACT2FN, f"one of {sorted(ACT2FN)}"),
+    "memory": (lambda v: isinstance(v, str), "a memory name"),
+    "position_embedding_type": (lambda v: isinstance(v, str), f"one of {list(POSITION_EMBEDDING_TYPES)}"),
+    "knn_layers": (_layer_list, "None or a list of layer indices"),
+    "routing_layers": (_layer_list, "None or a list of layer indices"),
+    **{
+        name: (lambda v: isinstance(v, bool), "True or False")
+        for name in (
+            "pre_norm", "scale_embeddings", "same_length", "embedding_norm", "attention_bias", "reversible",
+            "is_decoder", "tie_word_embeddings",
+        )
+    },
+}
+# field -> rule for the mechanism fields, checked after the mixers and memory that read them (which give
+# their own messages); these also refuse bad values in fields that the chosen mixers do not read
+MECHANISM_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "cmem_len": (_non_negative_int, "a non-negative integer"),
+    "compression_rate": (_positive_int_or_none, "a positive integer or None"),
+    "compression_fn": (lambda v: isinstance(v, str), "a compression name"),
+    "knn_memory_size": (_positive_int, "a positive integer"),
+    "knn_top_k": (_positive_int, "a positive integer"),
+    "knn_backend": (lambda v: isinstance(v, str), "a kNN backend name"),
+    "num_memory_tokens": (_non_negative_int, "a non-negative integer"),
+    "attention_window": (lambda v: _int_or_int_list(v, _positive_int), "a positive integer or a list of one per layer"),
+    "attention_dilation": (
+        lambda v: _int_or_int_list(v, _positive_int), "a positive integer or a list of one per head or per layer"
+    ),
+    "block_size": (_positive_int, "a positive integer"),
+    "num_random_blocks": (_non_negative_int, "a non-negative integer"),
+    "random_blocks_seed": (_non_negative_int, "a non-negative integer"),
+    "num_buckets": (_positive_int, "a positive integer"),
+    "num_hashes": (_positive_int, "a positive integer"),
+    "lsh_chunk_length": (_positive_int, "a positive integer"),
+    "lsh_hash_seed": (_non_negative_int, "a non-negative integer"),
+    "num_clusters": (_positive_int, "a positive integer"),
+    "num_routing_heads": (_positive_int, "a positive integer"),
+    "kmeans_decay": (lambda v: _is_number(v) and 0.0 < v < 1.0, "a number in (0, 1)"),
+}
+TOKEN_ID_FIELDS = ("pad_token_id", "eos_token_id", "bos_token_id", "sep_token_id")
+# fields checked by their own code below rather than by a rule table
+STRUCTURED_FIELDS = ("mixer",) + TOKEN_ID_FIELDS
+
+
+def _check_rules(config: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """One sentence naming the first field whose value breaks its rule."""
+    for name, (valid, expected) in rules.items():
+        value = getattr(config, name)
+        if not valid(value):
+            raise ValueError(f"LongLMConfig.{name} must be {expected}, got {value!r}.")
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_post_init_keys() -> frozenset[str]:
+    """Keys `PretrainedConfig.__post_init__` consumes from its kwargs (read from its source, so a key a newer
+    transformers adds is accepted too; `HF_EXTRA_CONFIG_KEYS` holds those of the version we test)."""
+    try:
+        source = inspect.getsource(PretrainedConfig.__post_init__)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(re.findall(r"kwargs\.(?:pop|get)\(\s*[\"'](\w+)[\"']", source))
+
+
+@functools.lru_cache(maxsize=None)
+def hf_config_keys(config_class: type) -> frozenset[str]:
+    """Every key a Hugging Face config of `config_class` accepts: its dataclass fields (PretrainedConfig's
+    included), the attributes and `to_dict()` keys of a bare `PretrainedConfig`, the settable properties
+    (`num_labels`, `torch_dtype`, `output_attentions`, ...), the generation parameters HF pops from
+    configs, the keys its `__post_init__` consumes, and `HF_EXTRA_CONFIG_KEYS`."""
+    bare = PretrainedConfig()
+    properties = {
+        name
+        for klass in inspect.getmro(config_class)
+        for name, value in vars(klass).items()
+        if isinstance(value, property) and value.fset is not None
+    }
+    return frozenset(
+        {field.name for field in dataclasses.fields(config_class)}
+        | set(vars(bare))
+        | set(bare.to_dict())
+        | properties
+        | set(config_class.attribute_map)
+        | set(GenerationConfig._get_default_generation_params())
+        | _hf_post_init_keys()
+        | HF_EXTRA_CONFIG_KEYS
+    )
+
+
+def _closest_field(key: str, fields: list[str]) -> str | None:
+    """The field `key` most likely meant: difflib's close matches plus the fields `key` truncates or extends
+    (`bptt` -> `bptt_depth`), the one sharing the longest prefix first (`mem_length` -> `mem_len`, not
+    `same_length`), then the most similar."""
+    close = set(difflib.get_close_matches(key, fields, n=3))
+    if len(key) >= 3:
+        close |= {name for name in fields if name.startswith(key) or key.startswith(name)}
+    if not close:
+        return None
+
+    def rank(name: str) -> tuple[int, float]:
+        return len(os.path.commonprefix([key, name])), difflib.SequenceMatcher(None, key, name).ratio()
+
+    return max(sorted(close), key=rank)
+
+
+def _unknown_key_message(config_class: type, unknown: list[str], where: str = "") -> str:
+    """'Unknown LongLMConfig field 'x'[ in 'file']; did you mean 'y'?' (closest names of our own fields)."""
+    fields = sorted(field.name for field in dataclasses.fields(config_class) if not field.name.startswith("_"))
+    name = config_class.__name__
+
+    def hint(key: str) -> str:
+        close = _closest_field(key, fields)
+        return f"did you mean '{close}'?" if close else f"expected one of {fields}."
+
+    if len(unknown) == 1:
+        return f"Unknown {name} field '{unknown[0]}'{where}; {hint(unknown[0])}"
+    listed = ", ".join(f"'{key}' ({hint(key).rstrip('.')})" for key in unknown)
+    return f"Unknown {name} fields{where}: {listed}."
 
 
 class LongLMConfig(PretrainedConfig):
@@ -101,10 +308,29 @@ class LongLMConfig(PretrainedConfig):
     sep_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.head_dim is None and isinstance(self.hidden_size, int) and self.num_attention_heads:
+        # Only keys that are not dataclass fields reach here: refuse those Hugging Face does not know either,
+        # so a typo (`mem_length`) fails instead of being written into config.json
+        self.refuse_unknown_keys(kwargs)
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self._check()
+
+    @classmethod
+    def refuse_unknown_keys(cls, keys: Any, where: str = "") -> None:
+        """ValueError naming the keys that are neither a field nor a key Hugging Face sets on configs."""
+        known = hf_config_keys(cls)
+        unknown = [key for key in keys if key not in known]
+        if unknown:
+            raise ValueError(_unknown_key_message(cls, unknown, where))
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """config.json as a dict, refusing unknown keys with the file's name (a user-edited typo must not
+        load silently; `from_pretrained` and `from_json_file` read through here)."""
+        config_dict = super()._dict_from_json_file(json_file)
+        cls.refuse_unknown_keys(config_dict, where=f" in '{json_file}'")
+        return config_dict
 
     @property
     def mixers(self) -> list[str]:
@@ -117,27 +343,35 @@ class LongLMConfig(PretrainedConfig):
 
     def _check(self) -> None:
         """One clear sentence per bad field (raised as ValueError)."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "head_dim"):
+        _check_rules(self, CORE_FIELD_RULES)
+        self._check_token_ids()
+        self._check_layout()
+        for name in sorted(set(self.mixers)):
+            MIXERS.get(name).check_config(self)  # unknown names raise with the list of valid ones
+        MEMORIES.get(self.memory).check_config(self)
+        _check_rules(self, MECHANISM_FIELD_RULES)
+        self._check_combinations()
+
+    def _check_token_ids(self) -> None:
+        """Special token ids index the embedding: None or an id in [0, vocab_size) (eos: also a list of ids)."""
+        for name in TOKEN_ID_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LongLMConfig.{name} must be a positive integer, got {value!r}.")
+            ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(
+                    f"LongLMConfig.{name} must be None or a token id in [0, vocab_size={self.vocab_size}), got {value!r}."
+                )
+
+    def _check_layout(self) -> None:
+        """Heads, per-layer mixers and the options that constrain the block structure."""
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"LongLMConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})."
             )
-        if not isinstance(self.mem_len, int) or self.mem_len < 0:
-            raise ValueError(f"LongLMConfig.mem_len must be a non-negative integer, got {self.mem_len!r}.")
-        if self.clamp_len is not None and (not isinstance(self.clamp_len, int) or self.clamp_len <= 0):
-            raise ValueError(f"LongLMConfig.clamp_len must be a positive integer or None, got {self.clamp_len!r}.")
-        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings <= 0:
-            raise ValueError(
-                f"LongLMConfig.max_position_embeddings must be a positive integer, got {self.max_position_embeddings!r}."
-            )
-        for rate in ("hidden_dropout_prob", "attention_dropout"):
-            if not 0.0 <= getattr(self, rate) < 1.0:
-                raise ValueError(f"LongLMConfig.{rate} must be in [0, 1), got {getattr(self, rate)!r}.")
-        if not isinstance(self.mixer, (str, list, tuple)):
+        if not isinstance(self.mixer, (str, list, tuple)) or (
+            not isinstance(self.mixer, str) and not all(isinstance(name, str) for name in self.mixer)
+        ):
             raise ValueError(f"LongLMConfig.mixer must be a mixer name or a list of names, got {self.mixer!r}.")
         if not isinstance(self.mixer, str) and len(self.mixer) != self.num_hidden_layers:
             raise ValueError(
@@ -145,17 +379,12 @@ class LongLMConfig(PretrainedConfig):
             )
         for field in LAYER_MIXER_FIELDS.values():
             for index in getattr(self, field) or []:
-                if not isinstance(index, int) or not 0 <= index < self.num_hidden_layers:
+                if not 0 <= index < self.num_hidden_layers:
                     raise ValueError(
                         f"LongLMConfig.{field} holds {index!r}, not a layer index in [0, {self.num_hidden_layers})."
                     )
         if set(self.knn_layers or []) & set(self.routing_layers or []):
             raise ValueError("LongLMConfig.knn_layers and routing_layers name the same layer; a layer has one mixer.")
-        if not isinstance(self.feed_forward_chunk_size, int) or self.feed_forward_chunk_size < 0:
-            raise ValueError(
-                f"LongLMConfig.feed_forward_chunk_size must be a non-negative integer (0 = no chunking), "
-                f"got {self.feed_forward_chunk_size!r}."
-            )
         if self.reversible and not self.pre_norm:
             raise ValueError("LongLMConfig.reversible=True needs pre_norm=True: a post-norm block cannot be inverted.")
         if self.reversible and self.memory != "none":
@@ -163,12 +392,14 @@ class LongLMConfig(PretrainedConfig):
                 f"LongLMConfig.reversible=True stores no per-layer activations, so it needs memory='none', "
                 f"got memory='{self.memory}'."
             )
-        for name in sorted(set(self.mixers)):
-            MIXERS.get(name).check_config(self)  # unknown names raise with the list of valid ones
-        MEMORIES.get(self.memory).check_config(self)
-        for name in ("position_offset", "type_vocab_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"LongLMConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}.")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"Unknown position_embedding_type '{self.position_embedding_type}'; "
+                f"expected one of {list(POSITION_EMBEDDING_TYPES)}."
+            )
+
+    def _check_combinations(self) -> None:
+        """Values that are each valid but crash, or silently mean something else, together."""
         if self.attention_bias:
             without = sorted(name for name in set(self.mixers) if not MIXERS.get(name).supports_attention_bias)
             if without:
@@ -176,15 +407,42 @@ class LongLMConfig(PretrainedConfig):
                     f"LongLMConfig.attention_bias=True needs mixers with biased projections, but {without} have none; "
                     "expected attention_bias=False with these mixers."
                 )
-        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+        if self.position_embedding_type == "rotary" and self.head_dim % 2:
             raise ValueError(
-                f"Unknown position_embedding_type '{self.position_embedding_type}'; "
-                f"expected one of {list(POSITION_EMBEDDING_TYPES)}."
+                f"LongLMConfig.head_dim must be even with position_embedding_type='rotary' (rotary embeddings "
+                f"rotate pairs of dimensions), got {self.head_dim}; expected an even head_dim or another "
+                f"position_embedding_type."
             )
+        if self.bptt_depth > 1 and self.memory not in BPTT_MEMORIES:
+            raise ValueError(
+                f"LongLMConfig.bptt_depth={self.bptt_depth} backpropagates through the memory carried between "
+                f"segments, but memory '{self.memory}' passes no gradient between segments; expected bptt_depth=1 "
+                f"or a memory in {list(BPTT_MEMORIES)}."
+            )
+        self._check_even_windows()
+
+    def _check_even_windows(self) -> None:
+        """Layers whose mixer splits `attention_window` in two halves need an even window."""
+        for index, mixer in enumerate(self.mixers):
+            if mixer not in EVEN_WINDOW_MIXERS:
+                continue
+            window = self.attention_window
+            where = "" if _is_int(window) else f"[{index}]"
+            value = window if _is_int(window) else window[index]
+            if value % 2:
+                raise ValueError(
+                    f"LongLMConfig.attention_window{where} must be even for the '{mixer}' mixer (w/2 keys on each "
+                    f"side, Longformer's convention), got {value}."
+                )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "LongLMConfig":
         """Build a config from a paper recipe (`longlm.presets.PRESETS`) with field overrides."""
         from longlm.presets import PRESETS
 
-        return cls(**{**PRESETS.get(name), **overrides})
+        fields = dict(PRESETS.get(name))
+        if overrides.get("memory", fields.get("memory")) not in BPTT_MEMORIES and "bptt_depth" not in overrides:
+            # the preset's bptt_depth belongs to its memory (rmt): swapping in a memory without BPTT drops it,
+            # while a bptt_depth the caller passes with such a memory is refused by `_check`
+            fields.pop("bptt_depth", None)
+        return cls(**{**fields, **overrides})
