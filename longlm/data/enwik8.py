@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import zipfile
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class Enwik8Corpus(TokenCorpus):
     def split(self, name: str) -> CorpusSplit:
         check_split_name(name)
         key = fingerprint("enwik8", file_identity(self.path), name)
-        return cached_split(self.cache_dir, key, lambda: self._build(name))
+        return replace(cached_split(self.cache_dir, key, lambda: self._build(name)), name=name)
 
     def _build(self, name: str) -> CorpusSplit:
         data = read_bytes(self.path)

@@ -52,7 +52,12 @@ def _read_json(path) -> object:
     if not path.is_file():
         raise FileNotFoundError(f"QA file '{path}' does not exist.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"QA file '{path}' is not UTF-8 text (byte {error.start} cannot be decoded); expected a SQuAD or "
+            f"TriviaQA JSON file."
+        ) from None
     except json.JSONDecodeError as error:
         raise ValueError(
             f"QA file '{path}' is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
@@ -68,6 +73,31 @@ def _field(obj, key: str, kind: type | tuple, path, who: str):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise ValueError(f"QA file '{path}': {who} has '{key}' of type {type(value).__name__}, expected {names}.")
     return value
+
+
+def _question(holder, key: str, path, qid: str) -> str:
+    """The question text; an empty one would train (and score) an answer to nothing."""
+    question = _field(holder, key, str, path, f"question '{qid}'")
+    if not question.strip():
+        raise ValueError(f"QA file '{path}': question '{qid}' has an empty or whitespace-only question text.")
+    return question
+
+
+def _read_evidence(file: Path, who: str) -> str:
+    """An evidence document's text, or one sentence naming it when it is not UTF-8."""
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"TriviaQA evidence file '{file}' of {who} is not UTF-8 text (byte {error.start} cannot be decoded)."
+        ) from None
+
+
+def _nonempty(examples: list[QAExample], path) -> list[QAExample]:
+    """A file without examples is a wrong file or a failed export, never something to train or score on."""
+    if not examples:
+        raise ValueError(f"QA file '{path}' holds no examples; expected at least one question with its context.")
+    return examples
 
 
 def _checked_answer(answer, context: str, path, qid: str, ignore_case: bool) -> dict:
@@ -105,7 +135,7 @@ def _squad_examples(doc, path, require_aliases: bool) -> list[QAExample]:
                     raise ValueError(f"QA file '{path}' has question id '{qid}' twice; predictions are keyed by id.")
                 seen.add(qid)
                 who = f"question '{qid}'"
-                question = _field(qa, "question", str, path, who)
+                question = _question(qa, "question", path, qid)
                 aliases = None
                 if require_aliases or "aliases" in qa:
                     aliases = [str(alias) for alias in _field(qa, "aliases", list, path, who)]
@@ -123,7 +153,7 @@ def _squad_examples(doc, path, require_aliases: bool) -> list[QAExample]:
 
 def load_squad(path) -> list[QAExample]:
     """SQuAD v1.1 or v2.0 JSON (also any file in that layout, such as the TriviaQA conversion)."""
-    return _squad_examples(_read_json(path), path, require_aliases=False)
+    return _nonempty(_squad_examples(_read_json(path), path, require_aliases=False), path)
 
 
 def _alias_spans(strings: list[str], context: str) -> list[dict]:
@@ -155,7 +185,7 @@ def _triviaqa_official(doc, path, evidence_dir) -> list[QAExample]:
         if verified and not datum.get("QuestionPartOfVerifiedEval", True):
             continue
         who = f"question '{qid}'"
-        question = _field(datum, "Question", str, path, who)
+        question = _question(datum, "Question", path, qid)
         answer = _field(datum, "Answer", dict, path, who)
         raw = [str(a) for a in _field(answer, "Aliases", list, path, f"the Answer of {who}")]
         normalized = [str(a) for a in answer.get("NormalizedAliases", [])]
@@ -172,7 +202,7 @@ def _triviaqa_official(doc, path, evidence_dir) -> list[QAExample]:
             file = evidence_dir / folder / name
             if not file.is_file():
                 raise FileNotFoundError(f"TriviaQA evidence file '{file}' of {who} does not exist.")
-            documents.append((name, file.read_text(encoding="utf-8")))
+            documents.append((name, _read_evidence(file, who)))
         web = doc.get("Domain") == "Web" if "Domain" in doc else any(folder == "web" for folder, _ in pages)
         if web:
             groups = [(f"{qid}--{name}", text) for name, text in documents]
@@ -197,7 +227,7 @@ def _triviaqa_from(doc, path, evidence_dir) -> list[QAExample]:
 def load_triviaqa(path, evidence_dir=None) -> list[QAExample]:
     """TriviaQA: the official JSON (evidence from `evidence_dir`, answers = alias occurrences in it) or the
     SQuAD-style conversion Longformer used (questions carry `aliases`)."""
-    return _triviaqa_from(_read_json(path), path, evidence_dir)
+    return _nonempty(_triviaqa_from(_read_json(path), path, evidence_dir), path)
 
 
 def _has_aliases(doc) -> bool:
@@ -218,8 +248,8 @@ def load_qa_examples(path, format: str = "auto", evidence_dir=None) -> list[QAEx
     if format == "squad" and official:
         raise ValueError(f"QA file '{path}' is official TriviaQA JSON (top-level 'Data'), not SQuAD; use format='triviaqa'.")
     if format == "triviaqa" or (format == "auto" and (official or _has_aliases(doc))):
-        return _triviaqa_from(doc, path, evidence_dir)
-    return _squad_examples(doc, path, require_aliases=False)
+        return _nonempty(_triviaqa_from(doc, path, evidence_dir), path)
+    return _nonempty(_squad_examples(doc, path, require_aliases=False), path)
 
 
 # ---------------------------------------------------------------------------------------------- features

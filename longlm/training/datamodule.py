@@ -8,9 +8,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from longlm.data.corpus import CORPORA, CorpusSplit
+from longlm.data.corpus import CORPORA, SPLITS, CorpusSplit, check_decode_errors
 from longlm.data.encoder_tokens import with_encoder_tokens
-from longlm.training.sampler import ResumableSegmentSampler, SegmentDataset, rank_streams
+from longlm.training.sampler import ResumableSegmentSampler, SegmentDataset, SegmentLoader, rank_streams
 
 BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "bundled" / "persuasion.txt.gz"
 
@@ -29,6 +29,8 @@ class LMDataModule(L.LightningDataModule):
         encoder_tokens: give the tokenizer the encoder's `<s>`/`<mask>` (appended to the vocabulary when
             missing, so the corpus's token ids do not change) and RoBERTa's pair template; masked LM needs
             them, and the CLI sets this from `model.task`.
+        decode_errors: what a text corpus (PG-19) does with a book that is not UTF-8: "strict" refuses it
+            naming the file and byte offset, "replace" decodes it with U+FFFD and says how much in one warning.
     """
 
     def __init__(
@@ -42,14 +44,17 @@ class LMDataModule(L.LightningDataModule):
         tokenizer_vocab_size: int = 32000,
         cache_dir: str | None = None,
         encoder_tokens: bool = False,
+        decode_errors: str = "strict",
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("tgt_len", tgt_len), ("eval_batch_size", eval_batch_size), ("eval_tgt_len", eval_tgt_len)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}.")
+        check_decode_errors(decode_errors, "data.decode_errors")
         self.save_hyperparameters()
         self.corpus = CORPORA.get(dataset)(
-            path if path is not None else BUNDLED_TEXT, cache_dir=cache_dir, vocab_size=tokenizer_vocab_size
+            path if path is not None else BUNDLED_TEXT, cache_dir=cache_dir, vocab_size=tokenizer_vocab_size,
+            decode_errors=decode_errors,
         )
         self.batch_size, self.tgt_len = batch_size, tgt_len
         self.eval_batch_size, self.eval_tgt_len = eval_batch_size, eval_tgt_len
@@ -78,10 +83,13 @@ class LMDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def setup(self, stage: str | None = None) -> None:
+        self.corpus.check_splits(splits_for_stage(stage))
         if stage in (None, "fit"):
             rank, world = self.rank_and_world_size
             split = self.train_split
             self.train_streams = rank_streams(split.tokens, split.doc_starts, self.batch_size, self.tgt_len, rank, world)
+            # built (and cached) now, so that a damaged validation book stops the run before its first step
+            self.eval_split("validation")
 
     def _eval_loader(self, split: str) -> DataLoader:
         data = self.eval_split(split)
@@ -105,13 +113,19 @@ class LMDataModule(L.LightningDataModule):
             )
         rank, world = self.rank_and_world_size
         sampler = ResumableSegmentSampler(len(dataset), start // depth, rank=rank, world_size=world)
-        return DataLoader(dataset, batch_size=None, sampler=sampler, generator=_private_generator())
+        return SegmentLoader(dataset, sampler, position=lambda: getattr(module, "next_train_segment", 0), generator=_private_generator())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+def splits_for_stage(stage: str | None) -> tuple[str, ...]:
+    """The splits a Trainer stage will read. `fit` needs all three: it validates as it goes, and a run
+    meant to end with the test protocol should not learn that test/ is missing only after training."""
+    return {"validate": ("validation",), "test": ("test",), "predict": ()}.get(stage or "fit", SPLITS)
 
 
 def _private_generator() -> torch.Generator:

@@ -44,6 +44,9 @@ class QADataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}.")
         if not isinstance(stride, int) or not 0 <= stride < max_length:
             raise ValueError(f"data.stride must be an integer in [0, max_length={max_length}), got {stride!r}.")
+        for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"data.{name} must be a positive integer or null (all examples), got {value!r}.")
         self.save_hyperparameters()
         self.train_examples: list[QAExample] = []
         self.validation_examples: list[QAExample] = []

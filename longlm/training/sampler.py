@@ -1,10 +1,10 @@
 """Segment order for ordered-stream training, resumable mid-epoch, with each rank on its own streams."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from longlm.data.streams import SegmentStreams
 
@@ -80,3 +80,27 @@ class ResumableSegmentSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         start, self.start = self.start, 0
         return iter(range(start, self.num_segments))
+
+
+class SegmentLoader(DataLoader):
+    """The training loader, resumable through Lightning's stateful-loader protocol.
+
+    Its state is the next segment to train on (`position()`, the count the LM module keeps of the segments
+    it consumed, exact whatever the loader prefetched): Lightning saves it with the loops and gives it back
+    on resume, and the loader then starts its epoch there. `len()` is the whole epoch, so Lightning's batch
+    count of a resumed epoch (restored with the loops) ends where the epoch ends.
+    """
+
+    def __init__(self, dataset: SegmentDataset, sampler: ResumableSegmentSampler, position: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
+        self._position = position
+
+    def __len__(self) -> int:
+        return self.sampler.num_segments
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_train_segment": int(self._position())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        group = self.dataset.group
+        self.sampler.start = (int(state["next_train_segment"]) // group) % self.sampler.num_segments
