@@ -303,7 +303,7 @@ def test_pretrain_script_logs_reconstruction_loss_and_exports_for_evaluate(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (metrics,) = (tmp_path / "runs" / "enwik8" / "compressive-tiny" / "logs").glob("version_*/metrics.csv")
+    (metrics,) = (root / "logs").glob("version_*/metrics.csv")
     with open(metrics) as handle:
         rows = list(csv.DictReader(handle))
     values = [float(r["train_attention_reconstruction"]) for r in rows if r.get("train_attention_reconstruction")]

@@ -26,6 +26,31 @@ io.save_checkpoint({"step": 2, "blob": torch.ones(100_000_000)}, sys.argv[1])  #
 """
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB file system (tmpfs) to fill up; skipped where this process may not mount one."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'mount failed'}); a full disk needs one")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(small_disk):
+    last = small_disk / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, last)
+    with pytest.raises(OSError, match=r"No space left on device while writing checkpoint '.*last\.ckpt'; the previous one is untouched") as error:
+        io.save_checkpoint({"step": 2, "weights": torch.ones(1_000_000)}, last)  # 4 MB into 2 MiB
+    assert "\n" not in str(error.value)
+    assert torch.load(last, weights_only=True)["step"] == 1  # still whole and loadable
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.ckpt"]  # the partial write is gone
+
+
 def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -47,7 +72,7 @@ def _last_checkpoint_reached(last: Path, step: int):
         except FileNotFoundError:
             return False
         if inode != seen["inode"]:
-            seen["inode"], seen["step"] = inode, torch.load(last, weights_only=False)["global_step"]
+            seen["inode"], seen["step"] = inode, torch.load(last, weights_only=True)["global_step"]
         return seen["step"] >= step
 
     return reached
@@ -113,7 +138,7 @@ def test_sigkill_after_the_second_checkpoint_then_ckpt_path_last_resumes_exactly
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    latest = torch.load(killed / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    latest = torch.load(killed / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 4 <= latest < steps
 
     pretrain(killed, "--ckpt_path", "last")  # the same command, resumed

@@ -334,7 +334,7 @@ def test_pretrain_script_with_the_pg19_config_writes_a_fill_mask_folder(tmp_path
     assert len(predictions) == 5 and all(p["token_str"] and 0 <= p["score"] <= 1 for p in predictions)
 
     # the checkpoint alone exports the same encoder
-    exported = export_checkpoint(tmp_path / "runs" / "pg19" / "longformer-mlm-tiny" / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    exported = export_checkpoint(root / "checkpoints" / "last.ckpt", tmp_path / "exported")
     again = AutoModelForMaskedLM.from_pretrained(exported).eval()
     ids = tokenizer("It was the best of times", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -277,7 +277,7 @@ def test_fit_with_bptt_depth_two_then_exact_resume(tmp_path):
     assert uninterrupted.segments == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert module.next_train_segment == 8 and not module.train_memory.memory.requires_grad
     ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=2.ckpt"
-    assert torch.load(ckpt, weights_only=False)["longlm"]["next_train_segment"] == 4
+    assert torch.load(ckpt, weights_only=True)["longlm"]["next_train_segment"] == 4
     _, resumed = _fit(tmp_path / "b", 4, ckpt_path=str(ckpt))
     assert resumed.segments == uninterrupted.segments[2:]
     assert resumed.losses == pytest.approx(uninterrupted.losses[2:], abs=1e-6)
@@ -300,7 +300,7 @@ def test_pretrain_script_with_the_tiny_config_exports_a_folder_evaluate_reads(tm
         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
         "--data.batch_size", "4",
     )
-    state = torch.load(tmp_path / "runs" / "enwik8" / "rmt-tiny" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 3 and state["longlm"]["next_train_segment"] == 6
     result = _evaluate(root / "hf", "enwik8", ENWIK8_SAMPLE, tmp_path, "--tgt-len", "64", "--batch-size", "4", "--max-segments", "3")
     assert 0 < result["bits_per_character"] < 9 and result["tokens_scored"] == 3 * 4 * 64

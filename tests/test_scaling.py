@@ -167,7 +167,7 @@ def test_ddp_two_processes_train_and_resume_like_one(tmp_path, single_process_lo
     write_config(tmp_path / "run.yaml", devices=2, strategy="ddp", cache_dir=tmp_path / "cache")
     pretrain(tmp_path)
     assert_same_losses(logged_losses(tmp_path), single_process_losses, range(STEPS))
-    state = torch.load(tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt", weights_only=False)["longlm"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt", weights_only=True)["longlm"]
     memories = [rank["train_memory"]["hidden"][0] for rank in state["ranks"]]
     assert len(memories) == 2 and not torch.equal(*memories)  # each rank carried its own streams' memory
     # resume both ranks from step 4: each takes back its own memory and the same next steps follow

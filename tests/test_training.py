@@ -69,7 +69,7 @@ def test_resume_after_k_steps_gives_the_same_next_loss(tmp_path):
 def test_resume_with_a_different_model_shape_is_refused(tmp_path):
     _fit(tmp_path / "a", 2, every=2)
     wider = {**TINY, "hidden_size": 64}
-    with pytest.raises(ValueError, match=r"hidden_size=32 \(now 64\).*cannot change the model's shape"):
+    with pytest.raises(ValueError, match=r"hidden_size=32 \(now 64\).*cannot change the model.s configuration"):
         _fit(tmp_path / "b", 3, ckpt_path=str(tmp_path / "a" / "ckpt" / "last.ckpt"), config=wider)
 
 
@@ -122,9 +122,9 @@ def test_cli_fit_then_export_and_evaluate_scripts(tmp_path):
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
         "--trainer.default_root_dir", str(root),
     )
-    # the YAML's loggers and checkpoints are relative to the working directory
-    ckpt = tmp_path / "runs" / "enwik8" / "transformer-xl-tiny" / "checkpoints" / "last.ckpt"
-    assert ckpt.exists()
+    # the YAML's loggers and checkpoints follow the run's root
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert ckpt.exists() and not (tmp_path / "runs").exists()
     assert (root / "hf" / "config.json").exists() and (root / "hf" / "model.safetensors").exists()
     _run([str(REPO / "scripts" / "export.py"), str(ckpt), str(tmp_path / "exported")], cwd=tmp_path)
     last = _evaluate(
@@ -181,7 +181,7 @@ def test_cli_resumes_with_ckpt_path_last(tmp_path):
     config = "enwik8/transformer-xl-tiny.yaml"
     _pretrain(config, ENWIK8_SAMPLE, tmp_path, "--trainer.limit_val_batches", "0", "--trainer.max_steps", "4")
     ckpt = tmp_path / "runs" / "enwik8" / "transformer-xl-tiny" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
     _pretrain(config, ENWIK8_SAMPLE, tmp_path, "--trainer.limit_val_batches", "0", "--trainer.max_steps", "6", "--ckpt_path", "last")
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == 6 and state["longlm"]["next_train_segment"] == 6

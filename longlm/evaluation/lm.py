@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from longlm.data.corpus import CorpusSplit
 from longlm.data.streams import SegmentStreams, memory_for_segment
+from longlm.evaluation.strict_loading import load_exactly
 
 
 def load_model_folder(path: str | Path):
@@ -26,7 +27,21 @@ def load_model_folder(path: str | Path):
     import longlm  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return load_exactly(AutoModelForCausalLM, path), AutoTokenizer.from_pretrained(path)
+
+
+def check_split_fills_a_segment(split: CorpusSplit, tgt_len: int, batch_size: int) -> None:
+    """Refuse a split in which a stream holds less than one whole segment: the few tokens it would score
+    give a number that looks like a result and is not one."""
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    tokens, needed = len(split.tokens), batch_size * (tgt_len + 1)
+    if tokens < needed:
+        raise ValueError(
+            f"The {split.name} split has {tokens} tokens, fewer than one segment per stream: {batch_size} "
+            f"stream(s) x (tgt_len {tgt_len} + 1) = {needed} tokens are needed; use a smaller tgt_len or "
+            f"batch_size, or a longer split."
+        )
 
 
 @torch.no_grad()
@@ -46,6 +61,7 @@ def evaluate_stream(
         raise ValueError(f"tgt_len must be a positive integer, got {tgt_len}.")
     if mem_len is not None and mem_len < 0:
         raise ValueError(f"mem_len must be a non-negative integer, got {mem_len}.")
+    check_split_fills_a_segment(split, tgt_len, batch_size)
     config = model.config
     saved = (config.mem_len, config.clamp_len, config.same_length)
     if mem_len is not None:

@@ -5,15 +5,21 @@ the numbers the script prints.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from longlm.configuration_longlm import LongLMConfig
 from longlm.data.encoder_tokens import require_fast, with_encoder_tokens
 from longlm.data.qa import QAExample, QAFeatures, collate, featurize, postprocess
 from longlm.evaluation.qa_metrics import score_predictions
+from longlm.evaluation.strict_loading import load_exactly
+
+QA_HEAD = "qa_outputs."  # the span head's parameters (LongLMForQuestionAnswering.qa_outputs)
+LM_HEAD = "lm_head."  # a pretrained causal or masked LM's head, which QA does not use
 
 
 def load_qa_model(path: str | Path, **config_overrides: Any):
@@ -33,12 +39,20 @@ def load_qa_model(path: str | Path, **config_overrides: Any):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     tokenizer = with_encoder_tokens(require_fast(AutoTokenizer.from_pretrained(path), f"Question answering with '{path}'"))
-    model = AutoModelForQuestionAnswering.from_pretrained(path, **config_overrides)
+    # the span head starts fresh on a pretrained LM; a QA fine-tune must bring its own
+    fine_tuned = any(name.endswith("ForQuestionAnswering") for name in _architectures(path))
+    LongLMConfig.refuse_unknown_keys(config_overrides)  # from_pretrained would drop a typo without a word
+    fresh, behind = ((), ()) if fine_tuned else ((QA_HEAD,), (LM_HEAD,))
+    model = load_exactly(AutoModelForQuestionAnswering, path, may_start_fresh=fresh, may_leave_behind=behind, **config_overrides)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     for name in ("sep_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.config, name, getattr(tokenizer, name))
     return model, tokenizer
+
+
+def _architectures(path: Path) -> list[str]:
+    return json.loads((path / "config.json").read_text()).get("architectures") or []
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ previous checkpoint or the new one, and `--ckpt_path last` always finds one that
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from longlm.training.safe_load import load_checkpoint_file
 
 
 def staging_path(target: str | os.PathLike) -> Path:
@@ -78,8 +81,43 @@ def remove_path(path: str | os.PathLike) -> None:
         path.unlink()
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(error: BaseException, target: Path) -> OSError | None:
+    """One sentence for a write that ran out of space (None for any other error): the file, the folder's
+    free space, and that the previous checkpoint under that name is untouched."""
+    chained = [error, error.__cause__, error.__context__]
+    full = any(isinstance(e, OSError) and e.errno in DISK_FULL for e in chained)
+    if not full:
+        try:
+            full = shutil.disk_usage(target.parent).free < 1 << 20  # DeepSpeed's own writes say only "enforce fail"
+        except OSError:
+            full = False
+    if not full:
+        return None
+    previous = "the previous one is untouched and loads" if target.exists() else "no earlier checkpoint had this name"
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on device while writing checkpoint '{target}'; {previous}: free space in '{target.parent}' "
+        "and resume with --ckpt_path last",
+    )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` whose writes are atomic: a temporary file beside the target, then `os.replace`."""
+    """`TorchCheckpointIO` whose writes are atomic (a temporary file beside the target, then `os.replace`) and
+    whose reads never run code from the file (`longlm.training.safe_load`: `weights_only=True`, allow-list)."""
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise ValueError(
+                f"AtomicCheckpointIO loads '{path}' with weights_only=True only; weights_only=False would let the file run code."
+            )
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file '{path}' does not exist; expected a .ckpt written by longlm.")
+        return load_checkpoint_file(path, map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -88,8 +126,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = staging_path(target)
         try:
-            torch.save(checkpoint, staged)
+            with open(staged, "wb") as file:  # through Python's file, a full disk is ENOSPC, not a C++ stream error
+                torch.save(checkpoint, file)
             publish_file(staged, target)
+        except (OSError, RuntimeError) as error:
+            full = disk_full_error(error, target)
+            if full is None:
+                raise
+            raise full from None
         finally:
             staged.unlink(missing_ok=True)
 

@@ -1,20 +1,58 @@
 """`LightningCLI` for pretraining: `python scripts/pretrain.py fit --config configs/...yaml [--overrides]`."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from longlm.training.checkpoint_io import AtomicCheckpointIO
 from longlm.training.datamodule import LMDataModule
 from longlm.training.lm_module import CausalLMPretraining
 from longlm.training.objectives import needs_encoder_tokens
+from longlm.training.quiet import silence_known_noise
+from longlm.training.run_folder import claim_checkpoint_folders, resolve_root_dir
+from longlm.training.safe_load import load_checkpoint_file
 from longlm.training.strategies import DeepSpeedZeRO, load_deepspeed_config
 
 
-class LongLMCLI(LightningCLI):
+class ResumeWithTheRunsConfig(LightningCLI):
+    """`--ckpt_path FILE` resumes with the config the command line gives, exactly like `--ckpt_path last`.
+
+    Lightning's CLI otherwise replaces the model arguments by the hyperparameters stored in a checkpoint
+    file, silently dropping any `--model.*` value the user passed; here the file is only read safely (no
+    code runs from it) and the module compares the checkpoint's model with the run's when it is restored,
+    refusing a difference with one sentence.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint_file(ckpt_path)  # a crafted file is refused here, before anything is built
+
+
+class OneRunPerFolder(LightningCLI):
+    """`${trainer.default_root_dir}` in logger and callback paths is the run's root (`longlm.training.run_folder`),
+    and a run refuses a checkpoint folder that another run writes to."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None:
+            resolve_root_dir(trainer, trainer.get("default_root_dir") or os.getcwd())
+
+    def before_fit(self) -> None:
+        if rank_zero_only.rank == 0:  # the other ranks write into the folders rank 0 claimed
+            folders = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            claim_checkpoint_folders(folders, self.config.fit.get("ckpt_path"))
+
+
+class LongLMCLI(ResumeWithTheRunsConfig, OneRunPerFolder):
     def add_arguments_to_parser(self, parser) -> None:
         # The model's vocabulary is whatever the data's tokenizer has (bytes: 259; PG-19: its BPE).
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -23,6 +61,7 @@ class LongLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Check a DeepSpeed JSON before jsonargparse builds the strategy (it would bury the error in a list)."""
+        super().before_instantiate_classes()
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         strategy = config.get("trainer.strategy")
         if getattr(strategy, "class_path", None) == f"{DeepSpeedZeRO.__module__}.{DeepSpeedZeRO.__name__}":
@@ -40,6 +79,7 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> L.Trainer:
 
 
 def main(args: list[str] | None = None) -> LongLMCLI:
+    silence_known_noise()
     return LongLMCLI(
         CausalLMPretraining,
         LMDataModule,

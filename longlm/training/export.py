@@ -8,7 +8,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from longlm.evaluation.strict_loading import describe_misfit, misfit_from_torch_error
 from longlm.training.lm_module import CausalLMPretraining
+from longlm.training.safe_load import check_checkpoint_folder, refusing_unsafe_pickles
 
 
 def save_hf_folder(module: CausalLMPretraining, out_dir: str | Path) -> Path:
@@ -34,6 +36,7 @@ def consolidate_deepspeed_checkpoint(checkpoint_dir: str | Path, output_file: st
             f"Checkpoint folder '{checkpoint_dir}' is not a DeepSpeed checkpoint; expected the folder pretrain.py "
             "writes under DeepSpeed, with a 'latest' file in it."
         )
+    check_checkpoint_folder(checkpoint_dir)  # zero_to_fp32 itself unpickles with weights_only=False
     convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file)
     return Path(output_file)
 
@@ -51,7 +54,17 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, fp32_che
             return export_checkpoint(single, out_dir)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"Checkpoint '{checkpoint_path}' does not exist; expected a .ckpt file written by pretrain.py.")
-    module = CausalLMPretraining.load_from_checkpoint(checkpoint_path, map_location="cpu", weights_only=False)
+    try:
+        with refusing_unsafe_pickles(checkpoint_path):
+            module = CausalLMPretraining.load_from_checkpoint(checkpoint_path, map_location="cpu", weights_only=True)
+    except RuntimeError as error:
+        misfit = describe_misfit(misfit_from_torch_error(str(error)))
+        if "Error(s) in loading state_dict" not in str(error) or not misfit:
+            raise
+        raise ValueError(
+            f"The weights in checkpoint '{checkpoint_path}' do not fit the model its hyperparameters describe "
+            f"({'; '.join(misfit)}); expected a checkpoint written by pretrain.py, unedited."
+        ) from None
     return save_hf_folder(module, out_dir)
 
 

@@ -24,19 +24,9 @@ from longlm.data.streams import memory_for_segment
 from longlm.memory.base import MemoryState
 from longlm.training.objectives import build_objective
 from longlm.training.optim import adamw_with_warmup_cosine
-from longlm.training.tokenizer_files import tokenizer_to_files
+from longlm.training.tokenizer_files import check_tokenizer_files, tokenizer_from_files, tokenizer_to_files
 
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "head_dim",
-    "intermediate_size",
-    "mixer",
-    "memory",
-    "is_decoder",
-)
+CONFIG_BOOKKEEPING = frozenset({"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype"})
 EVAL_MASKING_SEED = 0  # validation/test masks come from a generator seeded with this at each pass
 
 
@@ -200,11 +190,13 @@ class CausalLMPretraining(L.LightningModule):
         state = checkpoint.get("longlm")
         if state is None:
             return
-        saved, current = state["model_config"], self.model.config.to_dict()
-        changed = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in SHAPE_FIELDS if saved.get(k) != current.get(k)]
+        if state.get("tokenizer_files"):  # checked even when the data module's tokenizer is used instead
+            check_tokenizer_files(state["tokenizer_files"])
+        changed = changed_model_fields(state["model_config"], self.model.config.to_dict())
         if changed:
             raise ValueError(
-                "The checkpoint was trained with " + ", ".join(changed) + "; resuming cannot change the model's shape."
+                "The checkpoint was trained with " + ", ".join(changed) + "; loading it cannot change the model's "
+                "configuration (resume with the --model values it was trained with, e.g. the run's YAML alone)."
             )
         self.next_train_segment = state["next_train_segment"]
         ranks = state.get("ranks") or [state]  # checkpoints from before multi-rank training kept one state
@@ -222,10 +214,16 @@ class CausalLMPretraining(L.LightningModule):
         torch.set_rng_state(mine["torch_rng_state"])
         if mine["cuda_rng_states"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["cuda_rng_states"])
-        if state.get("tokenizer_files") and self.tokenizer is None:
-            from longlm.training.tokenizer_files import tokenizer_from_files
+        files = state.get("tokenizer_files")
+        if files and self.tokenizer is None:
+            self.tokenizer = tokenizer_from_files(files)
 
-            self.tokenizer = tokenizer_from_files(state["tokenizer_files"])
+
+def changed_model_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`field=saved (now current)` for each model config field a resumed run would change (bookkeeping that
+    Hugging Face writes, such as the library version, is not the model)."""
+    keys = sorted((set(saved) | set(current)) - CONFIG_BOOKKEEPING)
+    return [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
 
 
 def _gather_objects(local: Any) -> list[Any]:

@@ -30,7 +30,8 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from longlm.training.checkpoint_io import publish_folder, remove_path, staging_path
+from longlm.training.checkpoint_io import disk_full_error, publish_folder, remove_path, staging_path
+from longlm.training.safe_load import check_checkpoint_folder
 
 AUTO = "auto"
 OFFLOAD_DEVICES = ("cpu", "nvme")
@@ -181,11 +182,24 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         """Every rank writes its shard into a hidden folder; rank 0 then points `filepath` at it atomically."""
         target = Path(self.broadcast(str(filepath)))
         staged = Path(self.broadcast(str(staging_path(target))))
-        super().save_checkpoint(checkpoint, staged, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, staged, storage_options)
+        except (OSError, RuntimeError) as error:
+            full = disk_full_error(error, target)
+            if full is None:
+                raise
+            remove_path(staged)
+            raise full from None
         self.barrier("longlm_checkpoint_written")
         if self.is_global_zero:
             publish_folder(staged, target)
         self.barrier("longlm_checkpoint_published")
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """DeepSpeed unpickles its shards with `weights_only=False`: each is first read with the restricted one."""
+        if Path(checkpoint_path).is_dir():
+            check_checkpoint_folder(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     def remove_checkpoint(self, filepath: str | Path) -> None:
         if self.is_global_zero:
