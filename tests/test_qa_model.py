@@ -187,3 +187,36 @@ def test_finetuning_module_trains_in_train_mode(tokenizer, tmp_path):
     module = QuestionAnsweringFinetuning(pretrained=str(tmp_path))
     assert all(m.training for m in module.model.modules())
     assert module.model.config.sep_token_id == module.tokenizer.sep_token_id
+
+
+def test_pipeline_top_k_returns_the_k_best_distinct_answers_best_first(tokenizer, squad_pairs, tmp_path):
+    """HF's `top_k`: a list of k answers, ranked by span score (start + end logit), all distinct, the first
+    one the answer `top_k=1` gives; every allowed span scores at most the k-th (brute force)."""
+    from transformers import pipeline
+
+    from longlm.data.qa_spans import best_span, top_spans
+
+    model = _qa_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    qa = pipeline("question-answering", model=str(tmp_path), device="cpu")
+    question, context = squad_pairs[1]
+    single = qa(question=question, context=context, max_answer_len=15, max_seq_len=512)
+    answers = qa(question=question, context=context, max_answer_len=15, max_seq_len=512, top_k=5)
+    assert isinstance(answers, list) and len(answers) == 5
+    assert answers[0] == single
+    assert len({(a["start"], a["end"]) for a in answers}) == 5
+    assert all(a["answer"] == context[a["start"] : a["end"]] and 0 <= a["score"] <= 1 for a in answers)
+
+    encoding = tokenizer(question, context, return_offsets_mapping=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=encoding["input_ids"], attention_mask=encoding["attention_mask"])
+    start, end = out.start_logits[0].numpy().astype(np.float64), out.end_logits[0].numpy().astype(np.float64)
+    in_context = np.array([sid == 1 for sid in encoding.sequence_ids(0)])
+    spans = top_spans(start, end, in_context, 15, 5)
+    assert spans[0] == best_span(start, end, in_context, 15)
+    scores = start[:, None] + end[None, :]
+    allowed = in_context[:, None] & in_context[None, :] & np.triu(np.ones_like(scores, dtype=bool)) & ~np.triu(np.ones_like(scores, dtype=bool), k=15)
+    assert np.sort(scores[allowed])[::-1][:5] == pytest.approx([score for score, _, _ in spans])
+    with pytest.raises(ValueError, match="top_k must be a positive integer, got 0"):
+        qa(question=question, context=context, top_k=0)

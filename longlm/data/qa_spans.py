@@ -30,3 +30,23 @@ def best_span(
     scores = np.where(valid, masked_start[first] + masked_end[last], -np.inf)
     i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)  # first maximum: HF's stable sort order
     return (float(scores[i, j]), int(first[i, 0]), int(last[0, j])) if np.isfinite(scores[i, j]) else None
+
+
+def top_spans(
+    start: np.ndarray, end: np.ndarray, in_context: np.ndarray, max_answer_length: int, k: int
+) -> list[tuple[float, int, int]]:
+    """The `k` best (start + end logit, start token, end token) spans of context tokens, best first, under the
+    rule of `best_span` (whose single answer is the first of these); fewer when the window has fewer."""
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {k!r}.")
+    masked_start = np.where(in_context, start, -np.inf)
+    masked_end = np.where(in_context, end, -np.inf)
+    candidates: list[tuple[float, int, int]] = []
+    for width in range(min(max_answer_length, len(start))):
+        scores = masked_start[: len(start) - width] + masked_end[width:]
+        for i in np.argsort(-scores, kind="stable")[:k]:
+            if np.isfinite(scores[i]):
+                candidates.append((float(scores[i]), int(i), int(i) + width))
+    # best score first; among equal scores the shorter span, then the earlier start (best_span's tie rule)
+    candidates.sort(key=lambda span: (-span[0], span[2] - span[1], span[1]))
+    return candidates[:k]
