@@ -115,7 +115,7 @@ CORE_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         name: (lambda v: isinstance(v, bool), "True or False")
         for name in (
             "pre_norm", "scale_embeddings", "same_length", "embedding_norm", "attention_bias", "reversible",
-            "is_decoder", "tie_word_embeddings",
+            "is_decoder", "tie_word_embeddings", "use_cache",
         )
     },
 }
@@ -300,6 +300,9 @@ class LongLMConfig(PretrainedConfig):
     feed_forward_chunk_size: int = 0
     is_decoder: bool = True
     tie_word_embeddings: bool = True
+    # generate() carries the memory (the cache) between steps and feeds only the new tokens; False re-feeds
+    # the whole sequence at every step without a memory (Hugging Face's meaning of use_cache=False)
+    use_cache: bool = True
     pad_token_id: int | None = 0
     eos_token_id: int | None = 1
     bos_token_id: int | None = None

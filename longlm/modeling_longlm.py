@@ -187,6 +187,7 @@ class LongLMModel(LongLMPreTrainedModel):
         memory: MemoryState | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         global_attention_mask: torch.Tensor | None = None,
         document_starts: torch.Tensor | None = None,
@@ -200,6 +201,12 @@ class LongLMModel(LongLMPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
         return_dict = _flag(return_dict, self.config.return_dict)
+        if _flag(output_attentions, self.config.output_attentions):
+            raise ValueError(
+                "output_attentions=True is not available: longlm's mixers attend through fused kernels (SDPA, "
+                "block-sparse, LSH, kNN top-k) that never form the attention probabilities; expected "
+                "output_attentions=False."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         tokens_shape = tuple(inputs_embeds.shape[:2])
@@ -303,6 +310,7 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         global_attention_mask: torch.Tensor | None = None,
@@ -315,6 +323,7 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             memory=memory,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
             global_attention_mask=global_attention_mask,
             document_starts=document_starts,
@@ -360,13 +369,18 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         otherwise feed the whole sequence again, with what the memory says each step reads
         (`SegmentMemory.generation_memory`: nothing for most memories)."""
         memory = generation_memory_from(kwargs)
+        if kwargs.get("use_cache", self.config.use_cache) is False:  # no cache: every step reads the whole sequence
+            memory = None
         if memory is not None and self.model.memory.carries_context:
             seen = memory.num_tokens
             input_ids = input_ids[:, seen:]
             attention_mask = None if attention_mask is None else attention_mask[:, seen:]
         else:
             memory = self.model.memory.generation_memory(memory, input_ids.shape[0])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory}
+        # generate's output switches (output_hidden_states / output_attentions with return_dict_in_generate)
+        inputs.update({name: kwargs[name] for name in GENERATION_FLAGS if name in kwargs})
+        return inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(
@@ -400,6 +414,8 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
 # `mems` is the model-owned cache name both keep in `ALL_CACHE_NAMES`, so reordering and returning it work
 # the same on each.
 GENERATION_MEMORY_KEY = "mems"
+# Per-call switches generate() puts in its model kwargs, forwarded to every step's forward.
+GENERATION_FLAGS = ("output_hidden_states", "output_attentions", "return_dict")
 # Names a user may pass a memory under: `memory` (forward's name) and the HF cache names.
 _USER_MEMORY_KEYS = ("memory", "cache", "past_key_values")
 
@@ -479,6 +495,7 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         global_attention_mask: torch.Tensor | None = None,
         document_starts: torch.Tensor | None = None,
@@ -491,6 +508,7 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
             memory=memory,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
             global_attention_mask=global_attention_mask,
             document_starts=document_starts,
@@ -558,6 +576,7 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
         end_positions: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> LongLMQuestionAnsweringOutput:
@@ -568,6 +587,7 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
             global_attention_mask=global_attention_mask,
             token_type_ids=token_type_ids,
