@@ -18,6 +18,12 @@ VOCAB = 97
 # memorizing: a token fed alone sits in the XL cache and is also written to the kNN store, so generation
 # retrieves it twice and differs from one forward (issue 12, "generate() equals the training-time forward")
 KNOWN_GENERATE_MISMATCH = {"memorizing"}
+PRESETS_GENERATE_EQUALS_FORWARD = [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 12: kNN store written per generated token"))
+    if n in KNOWN_GENERATE_MISMATCH
+    else n
+    for n in PRESET_NAMES
+]
 
 
 def _model(name: str, **overrides) -> LongLMForCausalLM:
@@ -78,12 +84,7 @@ def test_generate_returns_hidden_states_per_step(name):
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 12: kNN store written per generated token"))
-        if n in KNOWN_GENERATE_MISMATCH
-        else n
-        for n in PRESET_NAMES
-    ],
+    PRESETS_GENERATE_EQUALS_FORWARD,
 )
 def test_use_cache_false_rereads_the_whole_sequence_and_gives_the_same_greedy_tokens(name):
     """use_cache=False is one forward over everything at each step: the training-time forward."""
@@ -213,12 +214,7 @@ def _sequence_log_prob(model, sequences: torch.Tensor, prompt_length: int) -> to
 @pytest.mark.parametrize("do_sample", [False, True], ids=["beam-search", "beam-sampling"])
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 12: kNN store written per generated token"))
-        if n in KNOWN_GENERATE_MISMATCH
-        else n
-        for n in PRESET_NAMES
-    ],
+    PRESETS_GENERATE_EQUALS_FORWARD,
 )
 def test_beam_scores_equal_the_forward_log_probabilities(name, do_sample):
     """Each returned beam's score is the log-probability one forward gives its tokens: the memory followed
