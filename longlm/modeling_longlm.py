@@ -192,11 +192,15 @@ class LongLMModel(LongLMPreTrainedModel):
         global_attention_mask: torch.Tensor | None = None,
         document_starts: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        segment_continues: bool = False,
+        segment_ends: bool = True,
         **kwargs: Any,
     ) -> LongLMModelOutput:
         """`global_attention_mask` (B, L): 1 on tokens with global attention (Longformer's convention; read by
         the mixers that have global tokens). `document_starts` (B, L): True on tokens that begin a new
-        document inside the segment (read by memories that must forget at document ends)."""
+        document inside the segment (read by memories that must forget at document ends).
+        `segment_continues` / `segment_ends` (generate sets them; one call is one segment otherwise): this
+        call continues the previous call's segment / more tokens of this segment follow."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
@@ -226,6 +230,8 @@ class LongLMModel(LongLMPreTrainedModel):
                 )
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the shape of input_ids, {tokens_shape}.")
         hidden = self.embed(inputs_embeds, token_type_ids)
+        if not segment_continues:
+            memory = self.memory.begin_segment(memory)
         hidden, before, after = self.memory.extend_inputs(memory, hidden)
         batch, length = hidden.shape[:2]
 
@@ -258,7 +264,7 @@ class LongLMModel(LongLMPreTrainedModel):
                 hidden = layer(hidden, inputs)
         hidden = self.dropout(self.final_norm(hidden))
         mixers = [layer.block.mixer for layer in self.layers]
-        segment = SegmentPass(layer_inputs, hidden, attention_mask, mixers, document_starts=starts)
+        segment = SegmentPass(layer_inputs, hidden, attention_mask, mixers, document_starts=starts, segment_ends=segment_ends)
         new_memory = self.memory.update(memory, segment)
         aux_losses = self.memory.auxiliary_losses(memory, segment) if self.training else {}
         if output_hidden_states and self.config.reversible:
@@ -327,6 +333,8 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             return_dict=True,
             global_attention_mask=global_attention_mask,
             document_starts=document_starts,
+            segment_continues=kwargs.pop("segment_continues", False),
+            segment_ends=kwargs.pop("segment_ends", True),
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
@@ -367,17 +375,27 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """Feed only the tokens the memory has not absorbed when the memory carries the context;
         otherwise feed the whole sequence again, with what the memory says each step reads
-        (`SegmentMemory.generation_memory`: nothing for most memories)."""
+        (`SegmentMemory.generation_memory`: nothing for most memories).
+
+        The prompt and the generated tokens are one segment that no step ends (`segment_continues` /
+        `segment_ends`), so each step sees what one forward over prompt + generated tokens would; a memory
+        generate returned continues that segment in the next generate call, and the next plain forward
+        (training, evaluation) ends it. With `use_cache=False` every step is one forward over the whole
+        sequence after the memory the caller passed."""
         memory = generation_memory_from(kwargs)
-        if kwargs.get("use_cache", self.config.use_cache) is False:  # no cache: every step reads the whole sequence
-            memory = None
-        if memory is not None and self.model.memory.carries_context:
-            seen = memory.num_tokens
-            input_ids = input_ids[:, seen:]
-            attention_mask = None if attention_mask is None else attention_mask[:, seen:]
-        else:
+        carries = self.model.memory.carries_context
+        use_cache = kwargs.get("use_cache", self.config.use_cache) is not False
+        segment: dict[str, bool] = {}
+        if carries and use_cache:
+            if memory is not None:  # the sequence so far: the memory has absorbed its first num_tokens
+                seen = memory.num_tokens
+                input_ids = input_ids[:, seen:]
+                attention_mask = None if attention_mask is None else attention_mask[:, seen:]
+            # a memory passed to generate (one it returned) continues its text: its segment goes on
+            segment = {"segment_continues": True, "segment_ends": False}
+        elif not carries:
             memory = self.model.memory.generation_memory(memory, input_ids.shape[0])
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory, **segment}
         # generate's output switches (output_hidden_states / output_attentions with return_dict_in_generate)
         inputs.update({name: kwargs[name] for name in GENERATION_FLAGS if name in kwargs})
         return inputs
@@ -386,6 +404,8 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
+        if model_kwargs.get("use_cache", self.config.use_cache) is False and self.model.memory.carries_context:
+            return model_kwargs  # no cache: every step starts again from the caller's memory
         for name in (*_USER_MEMORY_KEYS, GENERATION_MEMORY_KEY):
             model_kwargs.pop(name, None)
         model_kwargs[GENERATION_MEMORY_KEY] = outputs.memory

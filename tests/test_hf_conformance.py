@@ -15,15 +15,6 @@ from longlm.modeling_longlm import generated_memory
 from tests.presets_tiny import PRESET_NAMES, tiny_preset_config
 
 VOCAB = 97
-# memorizing: a token fed alone sits in the XL cache and is also written to the kNN store, so generation
-# retrieves it twice and differs from one forward (issue 12, "generate() equals the training-time forward")
-KNOWN_GENERATE_MISMATCH = {"memorizing"}
-PRESETS_GENERATE_EQUALS_FORWARD = [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 12: kNN store written per generated token"))
-    if n in KNOWN_GENERATE_MISMATCH
-    else n
-    for n in PRESET_NAMES
-]
 
 
 def _model(name: str, **overrides) -> LongLMForCausalLM:
@@ -82,10 +73,7 @@ def test_generate_returns_hidden_states_per_step(name):
         torch.testing.assert_close(model.lm_head(step[-1][:, -1]).argmax(-1), token, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "name",
-    PRESETS_GENERATE_EQUALS_FORWARD,
-)
+@pytest.mark.parametrize("name", PRESET_NAMES)
 def test_use_cache_false_rereads_the_whole_sequence_and_gives_the_same_greedy_tokens(name):
     """use_cache=False is one forward over everything at each step: the training-time forward."""
     model = _model(name)
@@ -212,10 +200,7 @@ def _sequence_log_prob(model, sequences: torch.Tensor, prompt_length: int) -> to
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["beam-search", "beam-sampling"])
-@pytest.mark.parametrize(
-    "name",
-    PRESETS_GENERATE_EQUALS_FORWARD,
-)
+@pytest.mark.parametrize("name", PRESET_NAMES)
 def test_beam_scores_equal_the_forward_log_probabilities(name, do_sample):
     """Each returned beam's score is the log-probability one forward gives its tokens: the memory followed
     the beams (reordered with them) and no step saw another beam's context."""
@@ -257,3 +242,45 @@ def test_text_generation_pipeline_with_beams(name):
     ids = tokenizer("It is a truth", return_tensors="pt").input_ids  # as the pipeline encodes it (ByT5 appends </s>)
     expected = model.generate(ids, **options)
     assert list(out[0]["generated_token_ids"]) == expected[0].tolist()  # random bytes need not decode: compare ids
+
+
+# --------------------------------------------------------------------------------------------------
+# generate() equals the training-time forward
+# --------------------------------------------------------------------------------------------------
+def _within_span(name: str) -> dict:
+    """mem_len 64 for the presets with an XL cache, so it holds every token of these tests."""
+    return {"mem_len": 64} if tiny_preset_config(name).mem_len else {}
+
+
+def _step_logits(model, sequence: torch.Tensor, new_tokens: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greedy tokens, the logits generate() computed at each step), stacked as (B, new_tokens, V)."""
+    out = model.generate(sequence, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True, pad_token_id=0, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_generate_logits_equal_one_forward_over_prompt_and_generated_tokens(name):
+    """Greedy generate(): the logits of every step equal those of one forward over prompt + generated tokens
+    (one segment), within the memory span (mem_len 64, where there is one, holds all 16 tokens). Memorizing: the tokens of the
+    segment being generated are attended through the XL cache only, never also retrieved from the kNN store."""
+    model = _model(name, **_within_span(name))
+    prompt, new = _ids(2, 6, seed=3), 10
+    with torch.no_grad():
+        sequences, logits = _step_logits(model, prompt, new)
+        forward = model(sequences[:, :-1]).logits[:, prompt.shape[1] - 1:]
+    torch.testing.assert_close(logits, forward, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in PRESET_NAMES if LongLMForCausalLM(tiny_preset_config(n, vocab_size=VOCAB)).model.memory.carries_context])
+def test_generate_after_a_memory_equals_one_forward_after_that_memory(name):
+    """The same after an earlier segment whose memory (XL cache, kNN store) is passed to generate: the
+    sequence so far is earlier + prompt, the memory has absorbed the earlier part."""
+    model = _model(name, **_within_span(name))
+    earlier, prompt, new = _ids(2, 8, seed=4), _ids(2, 6, seed=5), 10
+    with torch.no_grad():
+        memory = model(earlier).memory
+        sequences, logits = _step_logits(model, torch.cat([earlier, prompt], dim=1), new, memory=memory)
+        generated = sequences[:, earlier.shape[1]:]
+        forward = model(generated[:, :-1], memory=memory).logits[:, prompt.shape[1] - 1:]
+    torch.testing.assert_close(logits, forward, rtol=0, atol=1e-4)

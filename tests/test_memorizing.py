@@ -322,7 +322,11 @@ def test_generate_carries_the_memory(knn_config):
         out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
         memory = generated_memory(out)
         assert isinstance(memory, KNNMemoryState)
-        assert memory.num_tokens == SEG + 5 and memory.store_valid.shape[1] == min(SEG + 5, config.knn_memory_size)
+        # prompt + generated tokens are one segment: held back from the store while it goes on (they are
+        # attended through the XL cache), committed when the next segment begins
+        assert memory.num_tokens == SEG + 5 and memory.store_valid is None and memory.pending_valid.shape[1] == SEG + 5
+        committed = model.model.memory.begin_segment(memory)
+        assert committed.store_valid.shape[1] == min(SEG + 5, config.knn_memory_size) and committed.pending_valid is None
         # the first generated token is the argmax of the prompt's last logits
         assert torch.equal(out.sequences[:, SEG], model(prompt).logits[:, -1].argmax(-1))
 

@@ -20,7 +20,9 @@ class SegmentPass:
     over the whole (possibly extended, see `SegmentMemory.extend_inputs`) sequence; `token_mask` (B, L)
     marks real tokens of the segment; `mixers` are the layers' mixers, for memories that reuse their
     projections (kNN keys, the compressive reconstruction loss); `document_starts` (B, L') marks the
-    tokens of the (extended) sequence that begin a new document, or is None.
+    tokens of the (extended) sequence that begin a new document, or is None. `segment_ends` is False while
+    more tokens of the same segment follow in later calls (generate's steps after the prompt): a memory
+    that writes a segment's tokens somewhere they are *retrieved* from (knn) holds them back until it ends.
     """
 
     layer_inputs: list[torch.Tensor]
@@ -28,6 +30,7 @@ class SegmentPass:
     token_mask: torch.Tensor | None
     mixers: Sequence["TokenMixer"]
     document_starts: torch.Tensor | None = None
+    segment_ends: bool = True
 
 
 @dataclasses.dataclass
@@ -102,6 +105,11 @@ class SegmentMemory(nn.Module):
         """The (B, M) validity mask, or None when every slot is known (on the host) to be valid, so the
         model can skip masking without a device-to-host sync."""
         return self.context(state, 0)[1]
+
+    def begin_segment(self, state: MemoryState | None) -> MemoryState | None:
+        """The state a new segment starts from (called unless the forward continues the previous call's
+        segment): what a memory held back for the segment before is committed now. Default: unchanged."""
+        return state
 
     def mixer_payload(self, state: MemoryState | None, layer_idx: int) -> Any:
         """Extra state handed to layer `layer_idx`'s mixer as `MixerInputs.payload`."""

@@ -12,6 +12,11 @@ detached): recomputing them here from `SegmentPass.layer_inputs` would miss the 
 (`pre_norm=True` feeds the mixer `mixer_norm(layer_input)`, and the norm belongs to the block, which a
 memory cannot see), so the mixer hands over what it actually used.
 
+Generation: prompt and generated tokens are one segment fed a step at a time (`SegmentPass.segment_ends`
+False). Their pairs are held back (`pending_*`) and join the store when the segment ends (the next plain
+forward's `begin_segment`), so a token of the segment is attended through the XL cache only, as in one
+forward over the whole segment, and never retrieved a second time from the store.
+
 Documents: `reset_rows` empties the store (and XL cache) of the rows given, nothing else; the training and
 evaluation loops call it when a row's segment starts a new document (`memory_for_segment`). A document that
 begins *inside* a segment (`SegmentPass.document_starts`, from the model's `document_starts`) is handled
@@ -39,19 +44,27 @@ class KNNMemoryState(XLMemoryState):
     keys: tuple[torch.Tensor, ...] = ()
     values: tuple[torch.Tensor, ...] = ()
     store_valid: torch.Tensor | None = None
+    # the pairs of a segment still being fed (generate's steps), committed to the store when it ends
+    pending_keys: tuple[torch.Tensor, ...] = ()
+    pending_values: tuple[torch.Tensor, ...] = ()
+    pending_valid: torch.Tensor | None = None
 
     def reset_rows(self, rows: torch.Tensor) -> "KNNMemoryState":
         state = super().reset_rows(rows)
-        if self.store_valid is None:
-            return state
-        keep = ~rows.to(device=self.store_valid.device, dtype=torch.bool)
-        scale = keep[:, None, None, None]
-        return dataclasses.replace(
-            state,
-            keys=tuple(k * scale.to(k.dtype) for k in self.keys),
-            values=tuple(v * scale.to(v.dtype) for v in self.values),
-            store_valid=self.store_valid & keep[:, None],
-        )
+        for keys, values, valid in (("keys", "values", "store_valid"), ("pending_keys", "pending_values", "pending_valid")):
+            if getattr(self, valid) is None:
+                continue
+            keep = ~rows.to(device=getattr(self, valid).device, dtype=torch.bool)
+            scale = keep[:, None, None, None]
+            state = dataclasses.replace(
+                state,
+                **{
+                    keys: tuple(k * scale.to(k.dtype) for k in getattr(self, keys)),
+                    values: tuple(v * scale.to(v.dtype) for v in getattr(self, values)),
+                    valid: getattr(self, valid) & keep[:, None],
+                },
+            )
+        return state
 
     def store(self, position: int) -> KNNStore | None:
         if self.store_valid is None or self.store_valid.shape[1] == 0:
@@ -87,38 +100,78 @@ class KNNMemory(XLMemory):
             return None
         return state.store(self.knn_layers.index(layer_idx))
 
+    def begin_segment(self, state: KNNMemoryState | None) -> KNNMemoryState | None:
+        """A new segment retrieves from everything before it: the held-back pairs join the store."""
+        if not isinstance(state, KNNMemoryState) or state.pending_valid is None:
+            return state
+        size = self.config.knn_memory_size
+        return dataclasses.replace(
+            state,
+            keys=tuple(_append_last(old, new, size, dim=2) for old, new in _pairs(state.keys, state.pending_keys)),
+            values=tuple(_append_last(old, new, size, dim=2) for old, new in _pairs(state.values, state.pending_values)),
+            store_valid=_append_last(state.store_valid, state.pending_valid, size, dim=1),
+            pending_keys=(),
+            pending_values=(),
+            pending_valid=None,
+        )
+
     def update(self, state: KNNMemoryState | None, segment: SegmentPass) -> KNNMemoryState:
+        """The segment's pairs are held back (`pending_*`) while the segment goes on, so its own tokens are
+        attended through the XL cache only, as one forward over the whole segment would; they join the store
+        when it ends (`segment_ends`, or the next segment's `begin_segment`)."""
         xl = super().update(state, segment)
         batch, length = segment.layer_inputs[0].shape[:2]
         device = segment.layer_inputs[0].device
-        size = self.config.knn_memory_size
         new_valid = (
             torch.ones(batch, length, dtype=torch.bool, device=device) if segment.token_mask is None else segment.token_mask.bool()
         )
-        previous = state if state is not None and state.store_valid is not None else None
-        previous_valid = None if previous is None else previous.store_valid
+        store_valid = None if state is None else state.store_valid
+        pending_valid = None if state is None else state.pending_valid
         if segment.document_starts is not None:  # keep only the pairs of each row's last document
             document = segment.document_starts.long().cumsum(dim=1)
             new_valid = new_valid & (document == document[:, -1:])
-            if previous_valid is not None:
-                previous_valid = previous_valid & (document[:, -1:] == 0)
-        keys, values = [], []
-        for position, layer_idx in enumerate(self.knn_layers):
+            no_start = document[:, -1:] == 0
+            store_valid = None if store_valid is None else store_valid & no_start
+            pending_valid = None if pending_valid is None else pending_valid & no_start
+        new_keys, new_values = [], []
+        for layer_idx in self.knn_layers:
             mixer = segment.mixers[layer_idx]
             entries = getattr(mixer, "segment_entries", None)
             if entries is None:
                 raise RuntimeError(f"Layer {layer_idx}'s mixer handed no (key, value) pairs; the knn memory needs the knn mixer there.")
-            mixer.segment_entries = None  # handed over once; the store holds them now
-            new_keys, new_values = entries
-            keys.append(_append_last(None if previous is None else previous.keys[position], new_keys, size, dim=2))
-            values.append(_append_last(None if previous is None else previous.values[position], new_values, size, dim=2))
-        store_valid = _append_last(previous_valid, new_valid, size, dim=1)
+            mixer.segment_entries = None  # handed over once; the memory holds them now
+            new_keys.append(entries[0].detach())
+            new_values.append(entries[1].detach())
         fields = {f.name: getattr(xl, f.name) for f in dataclasses.fields(XLMemoryState)}
-        return KNNMemoryState(**fields, keys=tuple(keys), values=tuple(values), store_valid=store_valid)
+        old = {"keys": (), "values": ()} if state is None else {"keys": state.keys, "values": state.values}
+        held = {"keys": (), "values": ()} if state is None else {"keys": state.pending_keys, "values": state.pending_values}
+        merged = KNNMemoryState(
+            **fields,
+            keys=old["keys"],
+            values=old["values"],
+            store_valid=store_valid,
+            pending_keys=tuple(torch.cat([h, n], dim=2) for h, n in _pairs(held["keys"], new_keys)),
+            pending_values=tuple(torch.cat([h, n], dim=2) for h, n in _pairs(held["values"], new_values)),
+            pending_valid=new_valid if pending_valid is None else torch.cat([pending_valid, new_valid], dim=1),
+        )
+        return self.begin_segment(merged) if segment.segment_ends else merged
 
     def state_from_dict(self, data: dict[str, Any]) -> KNNMemoryState:
         xl = super().state_from_dict(data)
         fields = {f.name: getattr(xl, f.name) for f in dataclasses.fields(XLMemoryState)}
         return KNNMemoryState(
-            **fields, keys=tuple(data.get("keys", ())), values=tuple(data.get("values", ())), store_valid=data.get("store_valid")
+            **fields,
+            keys=tuple(data.get("keys", ())),
+            values=tuple(data.get("values", ())),
+            store_valid=data.get("store_valid"),
+            pending_keys=tuple(data.get("pending_keys", ())),
+            pending_values=tuple(data.get("pending_values", ())),
+            pending_valid=data.get("pending_valid"),
         )
+
+
+def _pairs(held: tuple[torch.Tensor, ...], new: list[torch.Tensor] | tuple[torch.Tensor, ...]):
+    """(held, new) per knn layer; `held` is empty when nothing is held (then each pair is (None-like, new))."""
+    if not held:
+        return [(torch.empty_like(n[..., :0, :] if n.dim() == 4 else n[:, :0]), n) for n in new]
+    return list(zip(held, new))
