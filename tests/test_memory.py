@@ -192,3 +192,23 @@ def test_memory_owns_exactly_mem_len_rows_and_skips_masking_only_when_known_vali
         assert not short.fully_valid and short.valid[0].tolist() == [False] * 3 + [True] * 3
         full = model(ids[:, :6], memory=short).memory  # every old slot scrolled out
         assert full.fully_valid and bool(full.valid.all())
+
+
+@pytest.mark.parametrize("name", ["transformer-xl", "memorizing"])
+@pytest.mark.parametrize("start", [1, 5, 11])
+def test_state_after_a_document_start_inside_the_segment_holds_nothing_from_before_it(name, start):
+    """The XL cache written after a segment keeps valid only the slots at or after the row's last document
+    start (row 0 starts a document at `start`; row 1 has no start and keeps everything)."""
+    from tests.presets_tiny import tiny_preset_config
+
+    model = LongLMForCausalLM(tiny_preset_config(name, mem_len=16)).eval()
+    earlier, segment = torch.randint(3, 200, (2, 12)), torch.randint(3, 200, (2, 12))
+    starts = torch.zeros(2, 12, dtype=torch.bool)
+    starts[0, start] = True
+    with torch.no_grad():
+        memory = model(earlier).memory
+        after = model(segment, memory=memory, document_starts=starts).memory
+    # 16 slots = the last 4 of `earlier` and the 12 of `segment`: row 0 keeps positions start..11 of the segment
+    expected_row0 = torch.tensor([False] * 4 + [i >= start for i in range(12)])
+    assert torch.equal(after.valid[0].cpu(), expected_row0)
+    assert bool(after.valid[1].all()) and not after.fully_valid

@@ -46,6 +46,16 @@ def _append(old: torch.Tensor | None, new: torch.Tensor, mem_len: int) -> torch.
     return torch.cat([old[:, old.shape[1] - keep_old :], new], dim=1)
 
 
+def _after_last_start(document_starts: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B, slots): True for the last `slots` positions of [earlier segments; this segment] that lie at or
+    after the row's last document start in this segment (a row without a start keeps every slot)."""
+    batch, length = document_starts.shape
+    document = document_starts.long().cumsum(dim=1)
+    in_segment = document == document[:, -1:]
+    earlier = (document[:, -1:] == 0).expand(batch, max(slots - length, 0))
+    return torch.cat([earlier, in_segment], dim=1)[:, -slots:]
+
+
 @MEMORIES.register("xl")
 class XLMemory(SegmentMemory):
     @property
@@ -81,6 +91,9 @@ class XLMemory(SegmentMemory):
             valid = _append(None if previous is None else previous.valid[..., None], new_valid[..., None], mem_len)[..., 0]
         old_slots_left = previous is not None and length < mem_len
         fully_valid = token_mask is None and (not old_slots_left or previous.fully_valid)
+        if segment.document_starts is not None and bool(segment.document_starts.any()):
+            valid = valid & _after_last_start(segment.document_starts, valid.shape[1])
+            fully_valid = False
         return XLMemoryState(hidden, valid, num_tokens, fully_valid)
 
     def state_from_dict(self, data: dict[str, Any]) -> XLMemoryState:
