@@ -7,21 +7,15 @@ import pytest
 
 from longlm import LongLMConfig, LongLMForCausalLM
 from longlm.presets import PRESETS
+from tests.sentences import assert_one_sentence, raises_naming
 
 
 def _one_sentence(message: str) -> None:
-    assert message.endswith("."), message
-    assert "\n" not in message and ". " not in message, message
+    assert_one_sentence(message)
 
 
 def _raises(match_words, build, error=ValueError):
-    with pytest.raises(error) as info:
-        build()
-    message = str(info.value)
-    for word in match_words:
-        assert word in message, f"{word!r} not named in: {message}"
-    _one_sentence(message)
-    return message
+    return raises_naming(build, *match_words, error=error)
 
 
 def test_unknown_preset_lists_valid_ones():

@@ -15,24 +15,17 @@ from longlm.configuration_longlm import CORE_FIELD_RULES, MECHANISM_FIELD_RULES,
 from longlm.presets import PRESETS
 from tests.paths import ENWIK8_SAMPLE, requires_shared_data
 from tests.presets_tiny import PRESET_NAMES, tiny_preset_config
+from tests.sentences import assert_one_sentence, raises_naming
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
 
 
 def _one_sentence(message: str) -> None:
-    assert "\n" not in message, message
-    assert message.endswith((".", "?")), message
-    assert ". " not in message and "? " not in message, message
+    assert_one_sentence(message, endings=(".", "?"))  # "did you mean 'mem_len'?" ends a sentence too
 
 
 def _refused(build, *named: str) -> str:
-    with pytest.raises(ValueError) as info:
-        build()
-    message = str(info.value)
-    for word in named:
-        assert word in message, f"{word!r} not named in: {message}"
-    _one_sentence(message)
-    return message
+    return raises_naming(build, *named, endings=(".", "?"))
 
 
 # --------------------------------------------------------------------------------------------------

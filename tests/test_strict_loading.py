@@ -126,3 +126,24 @@ def test_evaluate_script_refuses_a_misfit_folder_before_computing_anything(tmp_p
     assert result.returncode != 0
     assert "bits_per_character" not in result.stdout
     assert f"missing model.layers.{LAYERS}." in result.stderr.strip().splitlines()[-1]
+
+
+@requires_shared_data
+@pytest.mark.parametrize("script", ["evaluate_qa", "finetune_qa"])
+def test_qa_scripts_refuse_a_misfit_folder_before_computing_anything(script, tmp_path, fast_tokenizer):
+    """Through the scripts users run: `evaluate_qa.py DIR` and `finetune_qa.py fit --model.pretrained DIR`."""
+    from tests.paths import SQUAD2_DEV
+
+    folder = save_folder(tmp_path / "deeper", "longformer", tokenizer=fast_tokenizer)
+    edit_config(folder, num_hidden_layers=LAYERS + 1)
+    if script == "evaluate_qa":
+        args = [str(folder), "--data", str(SQUAD2_DEV), "--max-examples", "2", "--max-length", "256"]
+    else:
+        args = ["fit", "--config", str(REPO / "configs" / "qa" / "squad2-tiny.yaml"), "--model.pretrained", str(folder),
+                "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "1"]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "exact_match" not in result.stdout and not (tmp_path / "run" / "checkpoints").exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert "do not fit its config.json" in last and f"missing model.layers.{LAYERS}." in last
