@@ -16,7 +16,7 @@ from longlm.training.lm_module import CausalLMPretraining
 from longlm.training.objectives import needs_encoder_tokens
 from longlm.training.quiet import silence_known_noise
 from longlm.training.run_folder import claim_checkpoint_folders, resolve_root_dir
-from longlm.training.safe_load import load_checkpoint_file
+from longlm.training.safe_load import check_checkpoint_file
 from longlm.training.strategies import DeepSpeedZeRO, load_deepspeed_config
 
 
@@ -33,7 +33,7 @@ class ResumeWithTheRunsConfig(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint_file(ckpt_path)  # a crafted file is refused here, before anything is built
+            check_checkpoint_file(ckpt_path)  # a crafted file is refused here, before anything is built
 
 
 class OneRunPerFolder(LightningCLI):

@@ -62,10 +62,21 @@ def refusing_unsafe_pickles(path: str | Path) -> Iterator[None]:
         raise _refusal(path, error) from None
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint file, unpickled with the restricted unpickler."""
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint file, unpickled with the restricted unpickler (`mmap`: tensors stay on disk until read,
+    for a check that only needs the pickle to pass)."""
     with refusing_unsafe_pickles(path):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse a file the restricted unpickler would not load, without reading its tensors into memory."""
+    try:
+        load_checkpoint_file(path, mmap=True)
+    except RuntimeError as error:  # mmap needs the zip format; an old-format file is read whole instead
+        if "mmap" not in str(error):
+            raise
+        load_checkpoint_file(path)
 
 
 def check_deepspeed_tag(folder: Path) -> None:
@@ -88,4 +99,4 @@ def check_checkpoint_folder(folder: str | Path) -> None:
     check_deepspeed_tag(folder)
     for file in sorted(folder.rglob("*")):
         if file.is_file() and file.suffix in SHARD_SUFFIXES:
-            load_checkpoint_file(file, map_location="cpu")
+            check_checkpoint_file(file)
