@@ -186,3 +186,13 @@ def test_ckpt_path_file_with_other_model_values_is_refused_like_ckpt_path_last(t
             resume(folder, checkpoint, root, *flag)
         messages.append(str(error.value))
     assert messages[0] == messages[1] and "\n" not in messages[0]
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_resumes(trained, tmp_path):
+    """A field added to LongLMConfig later (absent from the saved config) counts as its default, so an older
+    checkpoint resumes instead of being refused as a different model."""
+    folder, checkpoint = trained
+    saved = {k: v for k, v in checkpoint["longlm"]["model_config"].items() if k != "use_cache"}
+    older = crafted(tmp_path, checkpoint, model_config=saved)
+    resume(folder, older, tmp_path / "resumed")
+    assert load_checkpoint_file(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == 3

@@ -13,6 +13,7 @@ validation and test (the same masks in every pass and every run, so their losses
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -192,7 +193,8 @@ class CausalLMPretraining(L.LightningModule):
             return
         if state.get("tokenizer_files"):  # checked even when the data module's tokenizer is used instead
             check_tokenizer_files(state["tokenizer_files"])
-        changed = changed_model_fields(state["model_config"], self.model.config.to_dict())
+        defaults = {f.name: f.default for f in dataclasses.fields(LongLMConfig) if f.default is not dataclasses.MISSING}
+        changed = changed_model_fields(state["model_config"], self.model.config.to_dict(), defaults)
         if changed:
             raise ValueError(
                 "The checkpoint was trained with " + ", ".join(changed) + "; loading it cannot change the model's "
@@ -219,11 +221,14 @@ class CausalLMPretraining(L.LightningModule):
             self.tokenizer = tokenizer_from_files(files)
 
 
-def changed_model_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def changed_model_fields(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """`field=saved (now current)` for each model config field a resumed run would change (bookkeeping that
-    Hugging Face writes, such as the library version, is not the model)."""
+    Hugging Face writes, such as the library version, is not the model). A field the saved config lacks
+    (added to longlm after the checkpoint was written) counts as its default, as loading that config would."""
+    defaults = defaults or {}
     keys = sorted((set(saved) | set(current)) - CONFIG_BOOKKEEPING)
-    return [f"{k}={saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+    before = {k: saved.get(k, defaults.get(k)) for k in keys}
+    return [f"{k}={before[k]!r} (now {current.get(k)!r})" for k in keys if before[k] != current.get(k)]
 
 
 def _gather_objects(local: Any) -> list[Any]:
