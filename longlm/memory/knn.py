@@ -107,8 +107,8 @@ class KNNMemory(XLMemory):
         size = self.config.knn_memory_size
         return dataclasses.replace(
             state,
-            keys=tuple(_append_last(old, new, size, dim=2) for old, new in _pairs(state.keys, state.pending_keys)),
-            values=tuple(_append_last(old, new, size, dim=2) for old, new in _pairs(state.values, state.pending_values)),
+            keys=tuple(_append_last(old, new, size, dim=2) for old, new in _per_layer(state.keys, state.pending_keys)),
+            values=tuple(_append_last(old, new, size, dim=2) for old, new in _per_layer(state.values, state.pending_values)),
             store_valid=_append_last(state.store_valid, state.pending_valid, size, dim=1),
             pending_keys=(),
             pending_values=(),
@@ -150,8 +150,8 @@ class KNNMemory(XLMemory):
             keys=old["keys"],
             values=old["values"],
             store_valid=store_valid,
-            pending_keys=tuple(torch.cat([h, n], dim=2) for h, n in _pairs(held["keys"], new_keys)),
-            pending_values=tuple(torch.cat([h, n], dim=2) for h, n in _pairs(held["values"], new_values)),
+            pending_keys=tuple(n if h is None else torch.cat([h, n], dim=2) for h, n in _per_layer(held["keys"], new_keys)),
+            pending_values=tuple(n if h is None else torch.cat([h, n], dim=2) for h, n in _per_layer(held["values"], new_values)),
             pending_valid=new_valid if pending_valid is None else torch.cat([pending_valid, new_valid], dim=1),
         )
         return self.begin_segment(merged) if segment.segment_ends else merged
@@ -170,8 +170,6 @@ class KNNMemory(XLMemory):
         )
 
 
-def _pairs(held: tuple[torch.Tensor, ...], new: list[torch.Tensor] | tuple[torch.Tensor, ...]):
-    """(held, new) per knn layer; `held` is empty when nothing is held (then each pair is (None-like, new))."""
-    if not held:
-        return [(torch.empty_like(n[..., :0, :] if n.dim() == 4 else n[:, :0]), n) for n in new]
-    return list(zip(held, new))
+def _per_layer(held: tuple[torch.Tensor, ...], new) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """(held, new) per knn layer; held is None for every layer when nothing is held."""
+    return list(zip(held, new)) if held else [(None, n) for n in new]
