@@ -17,6 +17,7 @@ from longlm.attention.block_sparse import (
     block_sparse_attention,
     flex_block_sparse_attention,
 )
+from longlm.attention.documents import document_numbers
 from longlm.attention.full import FullAttention
 from tests.memory_probe import largest_tensor_bytes, peak_memory_bytes
 
@@ -44,9 +45,14 @@ def _mixer(layer_idx: int = 0, **overrides) -> BlockSparseAttention:
 # --------------------------------------------------------------------------------------------------
 # the dense reference: the module docstring's definition, token pair by token pair
 # --------------------------------------------------------------------------------------------------
-def _allowed(length: int, b: int, r: int, plan: torch.Tensor, causal: bool, key_mask) -> torch.Tensor:
-    """(B, H, L, L) bool from the definition; `plan` (H, n, r) holds R_h(i) (-1 = empty slot)."""
-    batch = 1 if key_mask is None else key_mask.shape[0]
+def _allowed(
+    length: int, b: int, r: int, plan: torch.Tensor, causal: bool, key_mask, documents=None, dense_up_to=None
+) -> torch.Tensor:
+    """(B, H, L, L) bool from the definition; `plan` (H, n, r) holds R_h(i) (-1 = empty slot); `documents`
+    (B, L) adds the document rule; `dense_up_to` overrides the fallback threshold as the mixer's does."""
+    batch = max(1 if t is None else t.shape[0] for t in (key_mask, documents))
+    if dense_up_to is None:
+        dense_up_to = ((3 + r) if causal else (5 + 2 * r)) * b
     n = -(-length // b)
     out = torch.zeros(batch, H, length, length, dtype=torch.bool)
     for h in range(H):
@@ -55,7 +61,7 @@ def _allowed(length: int, b: int, r: int, plan: torch.Tensor, causal: bool, key_
             random = {int(j) for j in plan[h, i] if j >= 0}
             for s in range(length):
                 j = s // b
-                if length <= ((3 + r) if causal else (5 + 2 * r)) * b:
+                if length <= dense_up_to:
                     ok = s <= t or not causal
                 elif causal:
                     ok = s <= t and (j == 0 or i - j <= 1 or j in random)
@@ -63,7 +69,8 @@ def _allowed(length: int, b: int, r: int, plan: torch.Tensor, causal: bool, key_
                     ok = i in (0, n - 1) or j in (0, n - 1) or abs(i - j) <= 1 or j in random
                 for row in range(batch):
                     valid = key_mask is None or bool(key_mask[row, s]) or s == t
-                    out[row, h, t, s] = ok and valid
+                    same = documents is None or documents[row, t] == documents[row, s]
+                    out[row, h, t, s] = ok and valid and bool(same)
     return out
 
 
@@ -78,7 +85,7 @@ def _rotate(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def dense_block_sparse(mixer: BlockSparseAttention, hidden, causal: bool, key_mask=None):
+def dense_block_sparse(mixer: BlockSparseAttention, hidden, causal: bool, key_mask=None, documents=None):
     batch, length, _ = hidden.shape
     b, r = mixer.block_size, mixer.num_random_blocks
     plan = mixer.random_plan(-(-length // b), causal)
@@ -89,7 +96,7 @@ def dense_block_sparse(mixer: BlockSparseAttention, hidden, causal: bool, key_ma
     if mixer.rotary:
         q, k = _rotate(q), _rotate(k)
     scores = torch.einsum("blhd,bkhd->bhlk", q, k) / math.sqrt(DH)
-    allowed = _allowed(length, b, r, plan, causal, key_mask)
+    allowed = _allowed(length, b, r, plan, causal, key_mask, documents, mixer.dense_up_to)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhlk,bkhd->blhd", probs, v).reshape(batch, length, D)
     return out @ mixer.o_proj.weight.T
@@ -491,3 +498,191 @@ def test_flex_path_equals_cpu_path_on_cuda(causal, length, masked):
         grads.append((out, *(t.grad for t in leaves)))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# documents: block-diagonal by document, and nothing before a start reaches a token after it
+# --------------------------------------------------------------------------------------------------
+def _documents(starts_per_row: list[list[int]], length: int) -> torch.Tensor:
+    """`MixerInputs.documents` for the given document starts of each row (the model's `document_numbers`)."""
+    starts = torch.zeros(len(starts_per_row), length, dtype=torch.bool)
+    for row, starts_here in enumerate(starts_per_row):
+        starts[row, starts_here] = True
+    return document_numbers(starts, None)
+
+
+# a start at 0; one inside a block; one on a block boundary; two (one in the last block); per row different,
+# with a one-token document and a start inside global block 0
+_LAYOUTS = {
+    "start-at-0": [[0], [0]],
+    "one-inside": [[17], [17]],
+    "on-block-boundary": [[20], [20]],
+    "two-inside": [[9, 42], [9, 42]],
+    "per-row": [[2, 30], [22, 23, 33]],
+}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("length", [45, 15], ids=["sparse", "short-fallback"])
+def test_documents_match_dense_reference(causal, masked, layout, length):
+    """Outputs and gradients equal the dense definition with the document rule, on the sparse path (45
+    tokens, 12 blocks, the last padded) and on the full-attention fallback (15 tokens)."""
+    mixer = _mixer(num_random_blocks=1)
+    hidden = torch.randn(2, length, D, dtype=torch.float64)
+    starts = [[s for s in row if s < length] or [0] for row in _LAYOUTS[layout]]
+    documents = _documents(starts, length)
+    key_mask = None
+    if masked:
+        key_mask = torch.ones(2, length, dtype=torch.bool)
+        key_mask[0, -5:] = False
+        key_mask[1, 3:9] = False
+    inputs = MixerInputs(None, key_mask, causal=causal, documents=documents)
+    out, grads = _grads(mixer, hidden, lambda m, x: m(x, inputs))
+    ref, ref_grads = _grads(mixer, hidden, lambda m, x: dense_block_sparse(m, x, causal, key_mask, documents))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_document_reference_cuts_the_pattern():
+    """The reference itself: with a start at 17 no query from 17 on sees a key before it (block 0, the global
+    block, included), and the queries before it see exactly the pattern without documents."""
+    mixer = _mixer(num_random_blocks=1)
+    plan = mixer.random_plan(12, False)
+    plain = _allowed(45, 4, 1, plan, False, None)
+    cut = _allowed(45, 4, 1, plan, False, None, _documents([[17]], 45))
+    assert not cut[..., 17:, :17].any() and not cut[..., :17, 17:].any()
+    assert torch.equal(cut[..., :17, :17], plain[..., :17, :17]) and plain[..., 17:, :17].any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("length", [45, 15], ids=["sparse", "short-fallback"])
+def test_tokens_before_a_start_change_nothing_after_it(causal, masked, length):
+    """Two rows with a start at different positions: replacing every hidden state before the start leaves
+    the outputs at and after it bit for bit equal (and, bidirectional, the other way round)."""
+    mixer = _mixer(num_random_blocks=2)
+    starts = [7, 10] if length == 15 else [13, 26]
+    documents = _documents([[starts[0]], [starts[1]]], length)
+    key_mask = None
+    if masked:
+        key_mask = torch.ones(2, length, dtype=torch.bool)
+        key_mask[0, :2] = False
+        key_mask[1, -3:] = False
+    inputs = MixerInputs(None, key_mask, causal=causal, documents=documents)
+    hidden = torch.randn(2, length, D, dtype=torch.float64)
+    before = torch.arange(length)[None, :] < torch.tensor(starts)[:, None]  # (B, L)
+    changed = torch.where(before[..., None], torch.randn_like(hidden) * 5, hidden)
+    with torch.no_grad():
+        out, out_changed = mixer(hidden, inputs), mixer(changed, inputs)
+        assert torch.equal(out[~before], out_changed[~before])
+        assert not torch.allclose(out[before], out_changed[before])
+        if not causal:
+            later = torch.where(before[..., None], hidden, torch.randn_like(hidden) * 5)
+            assert torch.equal(out[before], mixer(later, inputs)[before])
+
+
+def test_documents_none_and_one_document_agree():
+    """`documents` numbering one document (a start at 0) gives the outputs of documents=None."""
+    mixer = _mixer(num_random_blocks=1)
+    hidden = torch.randn(2, 45, D, dtype=torch.float64)
+    with torch.no_grad():
+        for causal in (True, False):
+            plain = mixer(hidden, MixerInputs(None, None, causal=causal))
+            one = mixer(hidden, MixerInputs(None, None, causal=causal, documents=_documents([[0], [0]], 45)))
+            torch.testing.assert_close(one, plain, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "length,masked,b,starts",
+    [(250, True, 16, [[40, 129], [100]]), (1000, False, 128, [[384, 500], [640]])],
+    ids=["tiles-partial-keymask", "full-tiles-start-on-a-tile"],
+)
+def test_flex_path_with_documents_equals_cpu_path_on_cpu(causal, length, masked, b, starts):
+    """The flex mask_mod and its tile bookkeeping (tiles spanning a start are never full; tiles of disjoint
+    documents are skipped) against the CPU path, forward only; and nothing before a start moves the flex
+    outputs after it."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    (q, k, v), common = _paths("cpu", causal, length, masked, r=1 if b == 128 else 2, b=b)
+    common["documents"] = _documents(starts, length)
+    with torch.no_grad():
+        flex = flex_block_sparse_attention(q, k, v, **common)
+        torch.testing.assert_close(flex, block_sparse_attention(q, k, v, **common), atol=1e-5, rtol=1e-5)
+        first = torch.tensor([row[0] for row in starts])
+        before = (torch.arange(length)[None, :] < first[:, None])[:, None, :, None]  # (B, 1, L, 1)
+        k2, v2 = (torch.where(before, torch.randn_like(t), t) for t in (k, v))
+        again = flex_block_sparse_attention(q, k2, v2, **common)
+    after = ~before[:, 0, :, 0]
+    assert torch.equal(flex.transpose(1, 2)[after], again.transpose(1, 2)[after])
+
+
+def _tile_pairs(count: torch.Tensor, indices: torch.Tensor, tiles: int) -> torch.Tensor:
+    """A BlockMask's (count, indices) as a dense (B, H, T, T) bool of the tile pairs it lists."""
+    listed = torch.arange(tiles)[None, None, None, :] < count[..., None].long()
+    columns = torch.where(listed, indices.long(), tiles)
+    dense = torch.zeros(*count.shape, tiles + 1, dtype=torch.bool)
+    return dense.scatter_(3, columns, True)[..., :tiles]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "length,masked,b,starts",
+    [
+        (250, True, 16, [[40, 129], [100]]), (250, False, 16, None),
+        (1000, False, 128, [[384, 500], [640]]), (1000, True, 128, None),
+    ],
+    ids=["tiles-partial-documents", "tiles-partial", "full-tiles-documents", "full-tiles-keymask"],
+)
+def test_flex_tiles_agree_with_the_mask_mod(causal, length, masked, b, starts):
+    """Eager CPU flex applies the mask_mod to every pair and ignores which tiles the BlockMask lists, so the
+    tile bookkeeping (used on CUDA) is checked here: a full tile holds only allowed pairs, a tile left out
+    holds none, so "full, or partial and mask_mod" is exactly the mask_mod everywhere."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    _, common = _paths("cpu", causal, length, masked, r=1 if b == 128 else 2, b=b)
+    documents = None if starts is None else _documents(starts, length)
+    block_mask = bs.sparse_block_mask(
+        2, H, length, block_size=b, plan=common["plan"], causal=causal, key_mask=common["key_mask"],
+        documents=documents,
+    )
+    padded = -(-length // b) * b
+    tiles = -(-padded // bs.FLEX_TILE)
+    partial = _tile_pairs(block_mask.kv_num_blocks, block_mask.kv_indices, tiles)
+    full = _tile_pairs(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, tiles)
+    assert not (partial & full).any() and (full.any() or b < bs.FLEX_TILE)  # whole-block tiles can be full
+    tile = torch.arange(padded) // bs.FLEX_TILE
+    pos = torch.arange(padded)
+    wanted = block_mask.mask_mod(
+        torch.arange(2)[:, None, None, None], torch.arange(H)[None, :, None, None], pos[:, None], pos[None, :]
+    ).expand(2, H, padded, padded)
+    got = full[:, :, tile][..., tile] | (partial[:, :, tile][..., tile] & wanted)
+    assert torch.equal(got, wanted)
+    if documents is not None:  # and tiles of disjoint documents are skipped, not resolved pair by pair
+        docs = bs._pad_documents(documents, tiles * bs.FLEX_TILE).view(2, tiles, bs.FLEX_TILE)
+        disjoint = docs[:, :, -1, None] < docs[:, None, :, 0]
+        assert not (partial & (disjoint | disjoint.transpose(1, 2))[:, None]).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlexAttention fast path needs CUDA")
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_path_with_documents_equals_cpu_path_on_cuda(causal):
+    """Compiled flex, where the tile bookkeeping is used: outputs and gradients equal the CPU path with two
+    documents per row (one start on a tile boundary), and nothing before a start moves what follows it."""
+    (q, k, v), common = _paths("cuda", causal, 1000, True, r=3, b=64)
+    common["documents"] = _documents([[256, 700], [333]], 1000).cuda()
+    results = []
+    for fn in (flex_block_sparse_attention, block_sparse_attention):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves, **common)
+        out.backward(torch.ones_like(out))
+        results.append((out, *(t.grad for t in leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    before = (torch.arange(1000, device="cuda")[None, :] < torch.tensor([256, 333], device="cuda")[:, None])
+    k2, v2 = (torch.where(before[:, None, :, None], torch.randn_like(t), t) for t in (k, v))
+    with torch.no_grad():
+        again = flex_block_sparse_attention(q, k2, v2, **common)
+    after = ~before
+    assert torch.equal(results[0][0].detach().transpose(1, 2)[after], again.transpose(1, 2)[after])

@@ -16,6 +16,7 @@ import torch
 from longlm import LongLMConfig, LongLMForCausalLM
 from longlm.attention import lsh
 from longlm.attention.base import MixerInputs
+from longlm.attention.documents import document_numbers, same_document
 from longlm.attention.lsh import LSHAttention
 from longlm.layers.positions import apply_rotary, rotary_cos_sin
 from tests.memory_probe import largest_tensor_bytes, peak_memory_bytes
@@ -70,10 +71,11 @@ def _buckets(mixer: LSHAttention, x) -> list:
     return torch.stack(out, dim=2).tolist()
 
 
-def _bidirectional_counts(buckets, valid, c: int, num_buckets: int) -> torch.Tensor:
-    """Per round: tokens sorted by (bucket, position), invalid and filler tokens in an extra last bucket,
-    length padded to a multiple of c; rounds concatenated; chunks of c; each chunk sees itself and the
-    previous chunk (cyclically). counts[b, h, i, j] = times key j is in a window of query i."""
+def _bidirectional_counts(buckets, valid, c: int, documents) -> torch.Tensor:
+    """Per round: tokens sorted by (document, bucket, position), invalid and filler tokens in an extra last
+    bucket, length padded to a multiple of c; rounds concatenated; chunks of c; each chunk sees itself and the
+    previous chunk (cyclically). counts[b, h, i, j] = times key j is in a window of query i (the document
+    rule itself is applied by `dense_lsh`)."""
     batch, heads, rounds, length = len(buckets), len(buckets[0]), len(buckets[0][0]), len(buckets[0][0][0])
     padded = -(-length // c) * c
     counts = torch.zeros(batch, heads, length, length, dtype=torch.float64)
@@ -81,8 +83,11 @@ def _bidirectional_counts(buckets, valid, c: int, num_buckets: int) -> torch.Ten
         for h in range(heads):
             sequence = []
             for r in range(rounds):
-                bucket = [buckets[b][h][r][i] if i < length and valid[b][i] else num_buckets for i in range(padded)]
-                sequence += sorted(range(padded), key=lambda i: (bucket[i], i))
+                group = [
+                    (documents[b][i], buckets[b][h][r][i]) if i < length and valid[b][i] else (math.inf, 0)
+                    for i in range(padded)
+                ]
+                sequence += sorted(range(padded), key=lambda i: (group[i], i))
             chunks = [sequence[s : s + c] for s in range(0, len(sequence), c)]
             for index, chunk in enumerate(chunks):
                 window = chunks[index - 1] + chunk  # index - 1 = -1 wraps to the last chunk
@@ -93,16 +98,17 @@ def _bidirectional_counts(buckets, valid, c: int, num_buckets: int) -> torch.Ten
     return counts
 
 
-def _causal_counts(buckets, valid, c: int) -> torch.Tensor:
-    """Per round: the rank of a valid token is the number of earlier valid tokens in its bucket; query i
-    (valid) sees the earlier valid keys j of its bucket with rank_j >= c * floor(rank_i / c) - c. Every
-    query sees itself once per round."""
+def _causal_counts(buckets, valid, c: int, documents) -> torch.Tensor:
+    """Per round: the rank of a valid token is the number of earlier valid tokens in its bucket *of its own
+    document*; query i (valid) sees the earlier valid keys j of that bucket with rank_j >= c * floor(rank_i / c)
+    - c. Every query sees itself once per round."""
     batch, heads, rounds, length = len(buckets), len(buckets[0]), len(buckets[0][0]), len(buckets[0][0][0])
     counts = torch.zeros(batch, heads, length, length, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
             for r in range(rounds):
-                bucket, rank, seen = buckets[b][h][r], {}, defaultdict(int)
+                bucket = [(documents[b][t], buckets[b][h][r][t]) for t in range(length)]
+                rank, seen = {}, defaultdict(int)
                 for t in range(length):
                     if valid[b][t]:
                         rank[t] = seen[bucket[t]]
@@ -128,15 +134,19 @@ def _attend(mixer: LSHAttention, x, keys, v, counts):
     return out @ mixer.o_proj.weight.T
 
 
-def dense_lsh(mixer: LSHAttention, hidden, causal: bool, key_mask=None, return_counts: bool = False):
+def dense_lsh(mixer: LSHAttention, hidden, causal: bool, key_mask=None, return_counts: bool = False, documents=None):
+    """The dense reference; `documents` (B, L): each document's pattern is the one it has alone (ranks and
+    sort per document) and a query sees only the keys of its document (mask &= same_document)."""
     config = mixer.config
     x, keys, v = _vectors(mixer, hidden)
     valid = (torch.ones(hidden.shape[:2], dtype=torch.bool) if key_mask is None else key_mask).tolist()
+    numbers = torch.zeros(hidden.shape[:2], dtype=torch.long) if documents is None else documents
     buckets = _buckets(mixer, x)
     if causal:
-        counts = _causal_counts(buckets, valid, config.lsh_chunk_length)
+        counts = _causal_counts(buckets, valid, config.lsh_chunk_length, numbers.tolist())
     else:
-        counts = _bidirectional_counts(buckets, valid, config.lsh_chunk_length, config.num_buckets)
+        counts = _bidirectional_counts(buckets, valid, config.lsh_chunk_length, numbers.tolist())
+    counts = counts * same_document(numbers, numbers)[:, None]
     out = _attend(mixer, x, keys, v, counts)
     return (out, counts) if return_counts else out
 
@@ -154,10 +164,12 @@ def dense_full_with_self_rule(mixer: LSHAttention, hidden, causal: bool, key_mas
     return _attend(mixer, x, keys, v, allowed.double().expand(-1, H, -1, -1))
 
 
-def _check(mixer, reference, hidden, causal, key_mask=None, tol=1e-8):
+def _check(mixer, reference, hidden, causal, key_mask=None, tol=1e-8, documents=None):
     """Outputs and gradients (input and every parameter) of the mixer against `reference`."""
-    out = mixer(hidden, MixerInputs(None, key_mask, causal))
-    ref = reference(mixer, hidden, causal, key_mask)
+    out = mixer(hidden, MixerInputs(None, key_mask, causal, documents=documents))
+    ref = reference(mixer, hidden, causal, key_mask) if documents is None else reference(
+        mixer, hidden, causal, key_mask, documents=documents
+    )
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     weight = torch.randn_like(out)
     wrt = [hidden, *mixer.parameters()]
@@ -229,6 +241,105 @@ def test_padding_tokens_change_nothing_else(causal):
     torch.testing.assert_close(a[:, key_mask[0]], b[:, key_mask[0]], rtol=1e-12, atol=1e-12)
     if causal:  # the bidirectional chunk grid depends on the padded length, the causal pattern does not
         torch.testing.assert_close(a[:, key_mask[0]], dropped, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1b. documents: block-diagonal by document, each document's pattern as if it were alone
+# --------------------------------------------------------------------------------------------------
+LAYOUTS = {  # per row, the positions where a document starts
+    "start-at-0": ([0], [0, 9]),
+    "one-inside": ([7], [11]),
+    "two-inside": ([5, 12], [3, 10]),
+    "per-row-different": ([], [6, 8]),
+}
+
+
+def _documents(length: int, layout) -> torch.Tensor:
+    """(B, L) document numbers as the model builds them (`document_numbers` of the start marks)."""
+    starts = torch.zeros(len(layout), length, dtype=torch.bool)
+    for row, positions in enumerate(layout):
+        starts[row, positions] = True
+    return document_numbers(starts, None)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=str)
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "padding"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "autograd"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: f"L{case[0]}-c{case[1]}-nb{case[2]}-r{case[3]}-{case[4]}")
+def test_documents_match_dense_reference(case, causal, fused, padding, layout):
+    length, c, buckets, rounds, positions, _ = case
+    mixer = _mixer(lsh_chunk_length=c, num_buckets=buckets, num_hashes=rounds, position_embedding_type=positions)
+    mixer.fused = fused
+    hidden = torch.randn(2, length, D, dtype=torch.float64, requires_grad=True)
+    documents = _documents(length, LAYOUTS[layout])
+    key_mask = None
+    if padding:
+        key_mask = torch.ones(2, length, dtype=torch.bool)
+        key_mask[0, :2] = False  # left padding
+        key_mask[1, -3:] = False  # right padding
+    _check(mixer, dense_lsh, hidden, causal, key_mask, documents=documents)
+    # without the rule some query would see a key of another document: the rule is really exercised
+    _, counts = dense_lsh(mixer, hidden.detach(), causal, key_mask, return_counts=True)
+    assert (counts * ~same_document(documents, documents)[:, None]).sum() > 0
+
+
+def _row_changed(hidden: torch.Tensor, row_slices) -> torch.Tensor:
+    """A copy of `hidden` with new random states at `row_slices[b]` of each row b."""
+    other = hidden.clone()
+    for row, part in enumerate(row_slices):
+        other[row, part] = torch.randn_like(other[row, part])
+    return other
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "padding"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "autograd"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_outputs_after_a_start_ignore_everything_before_it(causal, fused, dtype, padding):
+    """Row 0 starts a document at 9, row 1 at 16: new states at every position before the start leave the
+    outputs at and after it bit-identical (the layout counts only the earlier tokens' number), and new
+    states from the start on leave the earlier outputs bit-identical; without `documents` they do change."""
+    length, starts = 29, (9, 16)
+    mixer = _mixer(num_buckets=4, num_hashes=2, lsh_chunk_length=4, position_embedding_type="rotary").to(dtype)
+    mixer.fused = fused
+    hidden = torch.randn(2, length, D, dtype=dtype)
+    documents = _documents(length, ([starts[0]], [starts[1]]))
+    key_mask = None
+    if padding:
+        key_mask = torch.ones(2, length, dtype=torch.bool)
+        key_mask[0, -5:] = False  # right padding, after the start
+        key_mask[1, :3] = False  # left padding, before the start
+    before = _row_changed(hidden, [slice(0, start) for start in starts])
+    after = _row_changed(hidden, [slice(start, None) for start in starts])
+
+    def run(states, docs=documents):
+        return mixer(states, MixerInputs(None, key_mask, causal, documents=docs))
+
+    with torch.no_grad():
+        out, out_before, out_after = run(hidden), run(before), run(after)
+        plain, plain_before = run(hidden, None), run(before, None)
+    for row, start in enumerate(starts):
+        assert torch.equal(out_before[row, start:], out[row, start:])
+        assert torch.equal(out_after[row, :start], out[row, :start])
+        assert not torch.allclose(plain_before[row, start:], plain[row, start:])
+
+
+def test_decoder_with_document_starts_ignores_the_earlier_document():
+    """The whole reformer decoder (two reversible lsh layers): with `document_starts`, new tokens before the
+    start of each row leave every logit at and after it exactly equal."""
+    model = _model(seed=4)
+    ids = torch.randint(2, 50, (2, 27))
+    starts = torch.zeros(2, 27, dtype=torch.bool)
+    starts[0, 8], starts[1, 15] = True, True
+    changed = ids.clone()
+    changed[0, :8] = torch.randint(2, 50, (8,))
+    changed[1, :15] = torch.randint(2, 50, (15,))
+    with torch.no_grad():
+        logits = model(ids, document_starts=starts).logits
+        other = model(changed, document_starts=starts).logits
+    assert torch.equal(other[0, 8:], logits[0, 8:]) and torch.equal(other[1, 15:], logits[1, 15:])
+    assert not torch.allclose(other[0, :8], logits[0, :8])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +466,27 @@ def test_reversible_recomputation_reuses_the_forward_buckets():
     expected = mixer(other, MixerInputs(None, None, True))
     torch.testing.assert_close(rerun, expected, rtol=0, atol=0)
     assert not torch.equal(LSHAttention.hash(mixer, _vectors(mixer, other)[0]), forward_buckets)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_reversible_recomputation_with_documents_reuses_the_forward_buckets(causal):
+    """With documents the stash still holds the forward's raw buckets, and the rerun applies the same
+    document renumbering to them: the rerun equals a forward on the rebuilt input with the forward's buckets."""
+    from longlm.layers.recompute import recomputing
+
+    mixer = _mixer(num_buckets=8, num_hashes=2).train()
+    hidden, other = torch.randn(2, 2, 21, D, dtype=torch.float64)
+    inputs = MixerInputs(None, None, causal, documents=_documents(21, ([6], [0, 13])))
+    with torch.no_grad():
+        mixer(hidden, inputs)
+    forward_buckets = mixer.hash(_vectors(mixer, hidden)[0])
+    assert len(mixer._stash) == 1 and torch.equal(mixer._stash[0].long(), forward_buckets)
+    with recomputing():
+        rerun = mixer(other, inputs)
+    assert mixer._stash == []
+    mixer.hash = lambda x: forward_buckets
+    torch.testing.assert_close(rerun, mixer(other, inputs), rtol=0, atol=0)
+    assert not torch.allclose(rerun, mixer(other, MixerInputs(None, None, causal)))  # the rerun kept the documents
 
 
 def test_reversible_model_trains_and_leaves_nothing_stashed():

@@ -12,8 +12,9 @@ from torch import nn
 import longlm.attention.routing  # noqa: F401  (registers the mixer)
 from longlm import LongLMConfig, LongLMForCausalLM
 from longlm.attention.base import MixerInputs
+from longlm.attention.documents import document_numbers, same_document
 from longlm.attention.full import FullAttention
-from longlm.attention.routing import RoutingAttention, kmeans_step
+from longlm.attention.routing import RoutingAttention, balanced_slots, causal_slots, kmeans_step
 from longlm.layers.recompute import recomputing
 from tests.memory_probe import largest_tensor_bytes, peak_memory_bytes
 
@@ -49,10 +50,13 @@ def _rotate(x, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def _causal_mask(unit, centroids, valid, s):
-    """(L, L) mask of one causal routing head: same cluster, j <= i, rank(i) - rank(j) <= s, valid j (or j == i)."""
+def _causal_mask(unit, centroids, valid, s, docs=None):
+    """(L, L) mask of one causal routing head: same cluster, j <= i, rank(i) - rank(j) <= s, valid j (or j == i).
+    With `docs` (L,) a cluster is (document, centroid): ranks count only the own document's tokens."""
     length = unit.shape[0]
     cluster = (unit @ centroids.T).argmax(dim=-1).tolist()
+    if docs is not None:
+        cluster = [(int(docs[i]), c) for i, c in enumerate(cluster)]
     cluster = [c if valid[i] else -1 for i, c in enumerate(cluster)]
     rank = [sum(1 for j in range(i) if cluster[j] == cluster[i]) for i in range(length)]
     allowed = torch.zeros(length, length, dtype=torch.bool)
@@ -63,12 +67,19 @@ def _causal_mask(unit, centroids, valid, s):
     return allowed
 
 
-def _balanced_groups(unit, centroids, valid):
-    """Members (sorted positions) of each centroid's group: its ceil(L / C) best tokens, padding last."""
+def _balanced_groups(unit, centroids, valid, docs=None):
+    """Members (sorted positions) of each centroid's group: its ceil(L / C) best tokens, padding last. With
+    `docs` (L,): per document d, each centroid's ceil(L_d / C) best tokens of d."""
     length, clusters = unit.shape[0], centroids.shape[0]
     scores = unit @ centroids.T - 4.0 * (~valid).to(unit.dtype)[:, None]
-    size = math.ceil(length / clusters)
-    return [sorted(scores[:, c].topk(size).indices.tolist()) for c in range(clusters)]
+    docs = torch.zeros(length, dtype=torch.long) if docs is None else docs
+    groups = []
+    for d in docs.unique().tolist():
+        positions = (docs == d).nonzero().flatten()
+        size = math.ceil(len(positions) / clusters)
+        for c in range(clusters):
+            groups.append(sorted(positions[scores[positions, c].topk(size).indices].tolist()))
+    return groups
 
 
 def _group_mask(members, valid, s, length):
@@ -84,7 +95,9 @@ def _softmax_attend(q, k, v, allowed):
     return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
 
 
-def dense_routing(mixer: RoutingAttention, hidden, causal: bool, key_mask=None, centroids=None):
+def dense_routing(mixer: RoutingAttention, hidden, causal: bool, key_mask=None, centroids=None, documents=None):
+    """The module docstring's definition; `documents` (B, L) makes clusters per document and adds the rule
+    "same document" to every head's mask."""
     config, routing, s = mixer.config, mixer.num_routing_heads, mixer.one_sided
     batch, length, _ = hidden.shape
     q = (hidden @ mixer.q_proj.weight.T).view(batch, length, H, DH)
@@ -102,31 +115,36 @@ def dense_routing(mixer: RoutingAttention, hidden, causal: bool, key_mask=None, 
     rows = []
     for b in range(batch):
         heads = []
+        docs = None if documents is None else documents[b]
+        same = torch.ones(length, length, dtype=torch.bool)
+        if docs is not None:
+            same = same_document(docs[None], docs[None])[0]
         for h in range(routing):
             qh, vh, uh = shared[b, :, h], v[b, :, h], unit[b, :, h].detach()
             if causal:
-                heads.append(_softmax_attend(qh, qh, vh, _causal_mask(uh, centroids[h], valid[b], s)))
+                heads.append(_softmax_attend(qh, qh, vh, _causal_mask(uh, centroids[h], valid[b], s, docs) & same))
                 continue
             total, count = torch.zeros_like(vh), torch.zeros(length, 1, dtype=vh.dtype)
-            for members in _balanced_groups(uh, centroids[h], valid[b]):
+            for members in _balanced_groups(uh, centroids[h], valid[b], docs):
                 in_group = torch.zeros(length, 1, dtype=torch.bool)
                 in_group[members] = True
-                out = _softmax_attend(qh, qh, vh, _group_mask(members, valid[b], s, length) | ~in_group)
+                out = _softmax_attend(qh, qh, vh, (_group_mask(members, valid[b], s, length) & same) | ~in_group)
                 total, count = total + torch.where(in_group, out, 0.0), count + in_group.to(vh.dtype)
             heads.append(torch.where(count > 0, total / count.clamp(min=1), vh))
         for h in range(H - routing):
             i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
             band = ((i - j).abs() <= s) & (j <= i if causal else True) & valid[b][None, :]
-            heads.append(_softmax_attend(local_q[b, :, h], local_k[b, :, h], v[b, :, routing + h], band | (i == j)))
+            allowed = (band | (i == j)) & same
+            heads.append(_softmax_attend(local_q[b, :, h], local_k[b, :, h], v[b, :, routing + h], allowed))
         rows.append(torch.stack(heads, dim=1))  # (L, H, Dh)
     out = torch.stack(rows).reshape(batch, length, D)
     return out @ mixer.o_proj.weight.T
 
 
-def _check_outputs_and_grads(mixer, reference, hidden, causal, key_mask=None, rows=None):
+def _check_outputs_and_grads(mixer, reference, hidden, causal, key_mask=None, rows=None, documents=None):
     """Outputs and gradients (w.r.t. every parameter and the input) agree; `rows` (B, L) limits the check to
     those query rows (the loss weights the others by zero)."""
-    out = mixer(hidden, MixerInputs(None, key_mask, causal))
+    out = mixer(hidden, MixerInputs(None, key_mask, causal, documents=documents))
     ref = reference(hidden)
     keep = torch.ones(out.shape[:2], dtype=torch.bool) if rows is None else rows
     torch.testing.assert_close(out[keep], ref[keep], rtol=1e-9, atol=1e-9)
@@ -486,3 +504,122 @@ def test_centroids_stay_unit_norm_and_are_saved(tiny_config, tmp_path):
 def test_bad_config(tiny_config, overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(tiny_config, **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# documents: block-diagonal by document, and nothing before a start reaches a token after it
+# --------------------------------------------------------------------------------------------------
+def _documents(starts_per_row, length):
+    """`MixerInputs.documents` for the given document starts of each row (the model's `document_numbers`)."""
+    starts = torch.zeros(len(starts_per_row), length, dtype=torch.bool)
+    for row, starts_here in enumerate(starts_per_row):
+        starts[row, starts_here] = True
+    return document_numbers(starts, None)
+
+
+# a start at 0; one inside; two inside; per row different, with a one-token document and one in the padding
+_LAYOUTS = {
+    "start-at-0": [[0], [0]],
+    "one-inside": [[7], [7]],
+    "two-inside": [[4, 11], [4, 11]],
+    "per-row": [[3], [8, 9, 15]],
+}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_documents_match_dense_reference(tiny_config, causal, masked, layout):
+    """Outputs and gradients equal the dense definition with clusters per document and the rule "same
+    document" in every head (routing and local)."""
+    mixer = _make(tiny_config)
+    hidden = torch.randn(B, 17, D, dtype=torch.float64, requires_grad=True)
+    key_mask = _key_mask(17) if masked else None
+    documents = _documents(_LAYOUTS[layout], 17)
+    reference = lambda x: dense_routing(mixer, x, causal, key_mask, documents=documents)
+    _check_outputs_and_grads(mixer, reference, hidden, causal, key_mask, documents=documents)
+
+
+def test_the_document_reference_is_per_document(tiny_config):
+    """The reference itself: balanced groups never mix documents and each document gets ceil(L_d / C) tokens
+    per centroid; causal ranks restart in every document."""
+    mixer = _make(tiny_config)
+    unit = F.normalize(torch.randn(17, DH, dtype=torch.float64), dim=-1)
+    docs = _documents([[7]], 17)[0]
+    valid = torch.ones(17, dtype=torch.bool)
+    groups = _balanced_groups(unit, mixer.centroids[0], valid, docs)
+    assert [len(g) for g in groups] == [3, 3, 3, 4, 4, 4]
+    assert all(len({int(docs[i]) for i in g}) == 1 for g in groups)
+    single = torch.zeros(17, 17, dtype=torch.bool)
+    single[7:, 7:] = _causal_mask(unit[7:], mixer.centroids[0], valid[7:], 2)
+    assert torch.equal(_causal_mask(unit, mixer.centroids[0], valid, 2, docs)[7:], single[7:])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("routing_heads", [2, H])
+def test_tokens_before_a_start_change_nothing_after_it(tiny_config, causal, masked, routing_heads):
+    """Two rows with a start at different positions: replacing every hidden state before the start leaves
+    the outputs at and after it bit for bit equal (and, bidirectional, the other way round), although the
+    earlier tokens fall into other clusters and take other slots of every group."""
+    mixer = _make(tiny_config, num_routing_heads=routing_heads, attention_window=6)
+    length, starts = 40, [11, 23]
+    documents = _documents([[starts[0]], [starts[1]]], length)
+    key_mask = _key_mask(length) if masked else None
+    inputs = MixerInputs(None, key_mask, causal, documents=documents)
+    hidden = torch.randn(B, length, D, dtype=torch.float64)
+    before = torch.arange(length)[None, :] < torch.tensor(starts)[:, None]  # (B, L)
+    changed = torch.where(before[..., None], torch.randn_like(hidden) * 3, hidden)
+    with torch.no_grad():
+        out, out_changed = mixer(hidden, inputs), mixer(changed, inputs)
+        assert torch.equal(out[~before], out_changed[~before])
+        assert not torch.allclose(out[before], out_changed[before])
+        if not causal:
+            later = torch.where(before[..., None], hidden, torch.randn_like(hidden) * 3)
+            assert torch.equal(out[before], mixer(later, inputs)[before])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_document_equals_no_documents(tiny_config, causal):
+    """`documents` numbering one document (a start at 0) gives the outputs of documents=None."""
+    mixer = _make(tiny_config)
+    hidden = torch.randn(B, 17, D, dtype=torch.float64)
+    key_mask = _key_mask(17)
+    with torch.no_grad():
+        plain = mixer(hidden, MixerInputs(None, key_mask, causal))
+        one = mixer(hidden, MixerInputs(None, key_mask, causal, documents=_documents([[0], [0]], 17)))
+    torch.testing.assert_close(one, plain, rtol=0, atol=1e-12)
+
+
+def test_document_slots_are_document_major():
+    """The slot layouts themselves, per row and head: bidirectional groups are exactly the reference's
+    per-document groups, contiguous and in position order, and the filler slots of a row with fewer slots
+    than the widest row carry group -1; causal slots are sorted by (document, cluster, position)."""
+    unit = F.normalize(torch.randn(2, 2, 30, 8, dtype=torch.float64), dim=-1)
+    centroids = F.normalize(torch.randn(2, 4, 8, dtype=torch.float64), dim=-1)
+    key_mask = torch.ones(2, 30, dtype=torch.bool)
+    key_mask[0, :3] = False
+    documents = _documents([[5, 6], [2, 4, 13, 20, 27]], 30)
+    slots, groups = balanced_slots(unit, centroids, key_mask, documents)
+    for row in range(2):
+        sizes = torch.bincount(documents[row])
+        real = 4 * int(((sizes + 3) // 4).sum())
+        assert int((groups[row] >= 0).sum(-1).min()) == real == int((groups[row] >= 0).sum(-1).max())
+        for head in range(2):
+            found = {}
+            for slot, group in zip(slots[row, head].tolist(), groups[row, head].tolist()):
+                if group >= 0:
+                    found.setdefault(group, []).append(slot)
+            wanted = _balanced_groups(unit[row, head], centroids[head], key_mask[row], documents[row])
+            docs = documents[row].unique().tolist()
+            ids = [d * 4 + c for d in docs for c in range(4)]
+            assert found == dict(zip(ids, wanted))
+            runs = torch.unique_consecutive(groups[row, head][groups[row, head] >= 0])
+            assert len(runs) == len(set(runs.tolist()))  # every group is one contiguous run of slots
+    assert (groups[0] < 0).any()  # row 0 has fewer slots than row 1
+    slots, groups = causal_slots(unit, centroids, key_mask, documents)
+    cluster = (torch.einsum("brld,rcd->brlc", unit, centroids).argmax(-1)).masked_fill(~key_mask[:, None], 4)
+    for row in range(2):
+        for head in range(2):
+            keys = [(int(documents[row, i]), int(cluster[row, head, i]), i) for i in range(30)]
+            assert slots[row, head].tolist() == [i for _, _, i in sorted(keys)]

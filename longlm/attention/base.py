@@ -23,6 +23,11 @@ class MixerInputs:
     `global_mask` (B, L) marks the segment tokens with global attention (the model's
     `global_attention_mask`, Longformer's convention); `document_starts` (B, L) marks the tokens that
     begin a new document. Both are None when absent, and mixers that have no use for them ignore them.
+    `documents` (B, M + L) long numbers the document of every key position of [memory; segment] (the
+    queries are its last L positions): 0 for the memory and up to the first start inside the segment, +1
+    at every start, so it never decreases along a row. A query may attend a key only when both carry the
+    same number (block-diagonal by document); every mixer must honour it. None when no document starts
+    inside the segment (then every key is in the query's document).
     """
 
     memory: torch.Tensor | None
@@ -31,6 +36,7 @@ class MixerInputs:
     payload: Any = None
     global_mask: torch.Tensor | None = None
     document_starts: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
 
     @property
     def memory_length(self) -> int:

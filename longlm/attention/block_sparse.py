@@ -24,6 +24,10 @@ n = ceil(L / b) blocks; query token t lies in block i = t // b, key token s in b
   sees blocks 0, 1..i-2 (all random), i-1 and i), so the fast path never changes a token's attention.
 * Keys that are padding (`key_mask` False, or the internal padding of the last block) are never attended,
   except that a query always sees itself. `global_mask` is ignored: ITC's global tokens are fixed blocks.
+* Documents (`MixerInputs.documents`): in addition to all of the above, t may attend s only when
+  documents[t] == documents[s] (block-diagonal by document; a query's own key is always in its document).
+  Blocks, the random plan and the fallback threshold depend on positions only, never on token content, so
+  a token at or after a document start depends on nothing before that start.
 
 CPU path: the global query blocks (0 and, bidirectional, n-1) attend through SDPA; every other query block
 (1..n-2 bidirectional, 1..n-1 causal) attends its (5 + r) key blocks (3 + r causal), gathered with one
@@ -111,6 +115,13 @@ def block_table(num_blocks: int, plan: torch.Tensor, causal: bool) -> torch.Tens
     return table
 
 
+def _pad_documents(documents: torch.Tensor, padded_length: int) -> torch.Tensor:
+    """(B, L) -> (B, padded_length): the internal padding joins the row's last document, so its (discarded)
+    queries keep their own key and a full tile never straddles a document for want of a number."""
+    extra = padded_length - documents.shape[1]
+    return torch.cat([documents, documents[:, -1:].expand(-1, extra)], dim=1) if extra else documents
+
+
 def _pad_to_blocks(x: torch.Tensor, padded_length: int) -> torch.Tensor:
     """(B, H, L, Dh) -> contiguous (B, H, padded_length, Dh), zeros at the end."""
     extra = padded_length - x.shape[2]
@@ -128,10 +139,12 @@ def block_sparse_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout: float = 0.0,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sparse pattern of the module docstring (no short-segment fallback) on the CPU path.
 
-    q, k, v (B, H, L, Dh); `plan` (H, n, r) from `random_block_plan`; `key_mask` (B, L) bool, False = padding.
+    q, k, v (B, H, L, Dh); `plan` (H, n, r) from `random_block_plan`; `key_mask` (B, L) bool, False = padding;
+    `documents` (B, L) long, `MixerInputs.documents` (None: one document).
     """
     batch, length = q.shape[0], q.shape[2]
     b = block_size
@@ -145,11 +158,12 @@ def block_sparse_attention(
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
         valid = F.pad(valid, (0, padded - length), value=False)
     user_mask = key_mask is not None
-    parts = [_global_rows(q, k, v, 0, b, causal, valid, user_mask, scale, dropout)]
+    docs = None if documents is None else _pad_documents(documents.to(q.device), padded)
+    parts = [_global_rows(q, k, v, 0, b, causal, valid, user_mask, scale, dropout, docs)]
     if n >= (2 if causal else 3):
-        parts.append(_middle_rows(q, k, v, b, plan, causal, valid, user_mask, scale, dropout))
+        parts.append(_middle_rows(q, k, v, b, plan, causal, valid, user_mask, scale, dropout, docs))
     if n >= 2 and not causal:
-        parts.append(_global_rows(q, k, v, n - 1, b, causal, valid, user_mask, scale, dropout))
+        parts.append(_global_rows(q, k, v, n - 1, b, causal, valid, user_mask, scale, dropout, docs))
     return torch.cat(parts, dim=2)[:, :, :length]
 
 
@@ -172,18 +186,24 @@ def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _global_rows(q, k, v, block: int, b: int, causal: bool, valid, user_mask: bool, scale, dropout) -> torch.Tensor:
+def _global_rows(
+    q, k, v, block: int, b: int, causal: bool, valid, user_mask: bool, scale, dropout, docs=None
+) -> torch.Tensor:
     """Global query block `block` (0, or n-1 when bidirectional) against every key (causal: block 0 against
-    itself, causally)."""
+    itself, causally); `docs` (B, padded) restricts each query to its own document."""
     padded = k.shape[2]
     rows = slice(block * b, (block + 1) * b)
     end = (block + 1) * b if causal else padded
     query, key, value = q[:, :, rows], k[:, :, :end], v[:, :, :end]
-    if user_mask:  # key validity, the causal limit and the self rule, per batch row
+    if user_mask or docs is not None:  # key validity, the causal limit, the self rule, documents: per batch row
         positions = torch.arange(end, device=q.device)
         query_pos = positions[block * b : (block + 1) * b, None]
         keep = positions[None, :] <= query_pos if causal else torch.ones(1, end, dtype=torch.bool, device=q.device)
-        mask = _bias((valid[:, None, None, :end] | (positions[None, :] == query_pos)) & keep, q.dtype)
+        if valid is not None:
+            keep = (valid[:, None, None, :end] | (positions[None, :] == query_pos)) & keep
+        if docs is not None:
+            keep = keep & (docs[:, None, rows, None] == docs[:, None, None, :end])
+        mask = _bias(keep, q.dtype)
     elif causal:  # block 0: causal padding never precedes a real query
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scale)
     elif valid is not None:  # bidirectional, padded last block: the same keys for every query
@@ -221,9 +241,12 @@ def _slots(n: int, plan: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torc
     return index, on
 
 
-def _middle_rows(q, k, v, b: int, plan, causal: bool, valid, user_mask: bool, scale, dropout) -> torch.Tensor:
+def _middle_rows(
+    q, k, v, b: int, plan, causal: bool, valid, user_mask: bool, scale, dropout, docs=None
+) -> torch.Tensor:
     """The middle query blocks (1..n-2, causal 1..n-1), each against its window, global and random key blocks
-    in one SDPA call whose batch is (B * H) and whose heads are the m middle query blocks."""
+    in one SDPA call whose batch is (B * H) and whose heads are the m middle query blocks. `docs` (B, padded):
+    the key blocks' document numbers are gathered like the keys and compared with each query's."""
     batch, heads, padded, head_dim = q.shape
     n = padded // b
     index, on = _slots(n, plan, causal)
@@ -233,8 +256,9 @@ def _middle_rows(q, k, v, b: int, plan, causal: bool, valid, user_mask: bool, sc
         t.view(batch, heads * n, b * head_dim).index_select(1, flat).view(batch * heads, m, width * b, head_dim)
         for t in (k, v)
     )
-    if user_mask:
-        mask = _middle_mask(index.to(q.device), on.to(q.device), b, causal, valid, True, batch, heads, q.dtype)
+    if user_mask or docs is not None:  # per batch row: not cached
+        index_here, on_here = index.to(q.device), on.to(q.device)
+        mask = _middle_mask(index_here, on_here, b, causal, valid, user_mask, batch, heads, q.dtype, docs)
     else:  # without a user mask, `valid` only marks the padded tail: the unpadded length names it
         length = None if valid is None else int(valid[0].sum())
         key = ("middle", n, b, causal, length, batch, heads, q.dtype, q.device, on.shape, on.numpy().tobytes())
@@ -246,11 +270,11 @@ def _middle_rows(q, k, v, b: int, plan, causal: bool, valid, user_mask: bool, sc
 
 
 def _middle_mask(
-    index, on, b: int, causal: bool, valid, user_mask: bool, batch: int, heads: int, dtype: torch.dtype
+    index, on, b: int, causal: bool, valid, user_mask: bool, batch: int, heads: int, dtype: torch.dtype, docs=None
 ) -> torch.Tensor:
     """Additive mask broadcastable to (B * H, m, b, W * b) for `_middle_rows`: one row of keys per query
-    block when no query-dependent rule applies, else one row per query (causal own block, self rule).
-    Without a user mask `valid` only marks the padded last block, the same for every batch row."""
+    block when no query-dependent rule applies, else one row per query (causal own block, self rule,
+    documents). Without a user mask `valid` only marks the padded last block, the same for every batch row."""
     keys = on[None, :, :, :, None]  # (1, Ho, m, W, 1)
     if valid is not None:
         valid = valid if user_mask else valid[:1]
@@ -258,7 +282,7 @@ def _middle_mask(
         if keys.shape[1] > 1 and bool((keys == keys[:, :1]).all()):
             keys = keys[:, :1]  # heads differ only in random blocks, and those are all valid
     keys = keys.expand(-1, -1, -1, -1, b)
-    if causal or user_mask:
+    if causal or user_mask or docs is not None:
         own = keys[:, :, :, 1, None, :]  # (Bm, Hm, m, 1, b)
         if causal:
             own = own & torch.ones(b, b, dtype=torch.bool, device=keys.device).tril()
@@ -266,12 +290,23 @@ def _middle_mask(
             own = own | torch.eye(b, dtype=torch.bool, device=keys.device)
         keys = keys[:, :, :, None].expand(-1, -1, -1, b, -1, -1).clone()  # (Bm, Hm, m, b, W, b)
         keys[:, :, :, :, 1] = own
+        if docs is not None:
+            keys = keys & _same_document_slots(docs, index, b)
     else:
         keys = keys[:, :, :, None]  # (Bm, Hm, m, 1, W, b): the same keys for every query of a block
     mask = _bias(keys.flatten(-2), dtype)  # (Bm, Hm, m, q, W * b)
     if mask.shape[0] == 1 and mask.shape[1] == 1:
         return mask[0]  # (1, m, q, W * b) broadcasts over B * H
     return mask.expand(batch, heads, *mask.shape[2:]).reshape(batch * heads, *mask.shape[2:])
+
+
+def _same_document_slots(docs: torch.Tensor, index: torch.Tensor, b: int) -> torch.Tensor:
+    """(B, H or 1, m, b, W, b) bool for `_middle_mask`: does the key at (slot, offset) of middle query block
+    1 + i lie in the document of query (i, offset)? The key blocks' numbers are gathered with `index`."""
+    blocks = docs.view(docs.shape[0], -1, b)  # (B, n, b)
+    key_docs = blocks[:, index]  # (B, Hi, m, W, b)
+    query_docs = blocks[:, 1 : index.shape[-2] + 1]  # (B, m, b)
+    return query_docs[:, None, :, :, None, None] == key_docs[:, :, :, None, :, :]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,9 +334,13 @@ def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count, indices.contiguous()
 
 
-def flex_block_mask(table: torch.Tensor, b: int, padded: int, causal: bool, valid: torch.Tensor | None, batch: int):
+def flex_block_mask(
+    table: torch.Tensor, b: int, padded: int, causal: bool, valid: torch.Tensor | None, batch: int,
+    docs: torch.Tensor | None = None,
+):
     """A FlexAttention BlockMask equal to the dense definition: tiles of FLEX_TILE tokens, partial tiles
-    resolved token by token by the mask_mod (block table, causality, key padding, the self rule)."""
+    resolved token by token by the mask_mod (block table, causality, key padding, the self rule, documents:
+    `docs` (B, padded) long, see `_document_tiles`)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     heads, n, _ = table.shape
@@ -323,7 +362,12 @@ def flex_block_mask(table: torch.Tensor, b: int, padded: int, causal: bool, vali
     if valid is not None:
         key_tiles = F.pad(valid, (0, tiles * FLEX_TILE - padded), value=False).view(batch, tiles, FLEX_TILE).all(-1)
         full = full & key_tiles[:, None, None, :]
+    if docs is not None:
+        overlap, full_pair = _document_tiles(docs, tiles)
+        full = full & full_pair
     partial = any_[None] & ~full
+    if docs is not None:
+        partial = partial & overlap
     table_flat = table.reshape(-1)
 
     def mask_mod(b_idx, h, q_idx, kv_idx):
@@ -334,6 +378,8 @@ def flex_block_mask(table: torch.Tensor, b: int, padded: int, causal: bool, vali
             allowed = allowed & (kv_idx <= q_idx)
         if valid is not None:
             allowed = allowed & (valid[b_idx, kv_at] | (kv_idx == q_idx))
+        if docs is not None:
+            allowed = allowed & (docs[b_idx, q_at] == docs[b_idx, kv_at])
         return allowed
 
     count, indices = _ordered(partial.expand(batch, heads, -1, -1))
@@ -343,22 +389,48 @@ def flex_block_mask(table: torch.Tensor, b: int, padded: int, causal: bool, vali
     )
 
 
+def _document_tiles(docs: torch.Tensor, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(overlap, full), both (B, 1, T, T) bool, for tile pairs under the document rule. Numbers never
+    decrease along a row, so a tile holds the range [first, last]: a pair can hold an allowed token pair only
+    when the ranges meet, and every pair is in one document only when both tiles hold the same single one."""
+    numbers = _pad_documents(docs, tiles * FLEX_TILE).view(docs.shape[0], tiles, FLEX_TILE)
+    low, high = numbers[..., 0], numbers[..., -1]  # (B, T)
+    overlap = (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
+    single = low == high
+    full = single[:, :, None] & single[:, None, :] & (low[:, :, None] == low[:, None, :])
+    return overlap[:, None], full[:, None]
+
+
+def sparse_block_mask(
+    batch: int, heads: int, length: int, *, block_size: int, plan: torch.Tensor, causal: bool, key_mask=None,
+    documents=None, device: torch.device | str = "cpu",
+):
+    """The BlockMask of `flex_block_sparse_attention` over the segment padded to whole blocks (its own
+    function so that tests can check the tile bookkeeping, which eager CPU flex does not use)."""
+    n = -(-length // block_size)
+    padded = n * block_size
+    valid = None
+    if key_mask is not None or padded != length:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
+        valid = F.pad(valid, (0, padded - length), value=False)
+    table = block_table(n, plan.to(device), causal)
+    if table.shape[0] != heads:
+        table = table.expand(heads, -1, -1).contiguous()
+    docs = None if documents is None else _pad_documents(documents.to(device), padded)
+    return flex_block_mask(table, block_size, padded, causal, valid, batch, docs)
+
+
 def flex_block_sparse_attention(
-    q, k, v, *, block_size: int, plan: torch.Tensor, causal: bool, key_mask=None, scale=None
+    q, k, v, *, block_size: int, plan: torch.Tensor, causal: bool, key_mask=None, scale=None, documents=None
 ) -> torch.Tensor:
     """The same pattern as `block_sparse_attention`, through FlexAttention (no attention dropout)."""
     batch, heads, length, _ = q.shape
-    n = -(-length // block_size)
-    padded = n * block_size
+    padded = -(-length // block_size) * block_size
     q, k, v = (_pad_to_blocks(t, padded) for t in (q, k, v))
-    valid = None
-    if key_mask is not None or padded != length:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
-        valid = F.pad(valid, (0, padded - length), value=False)
-    table = block_table(n, plan.to(q.device), causal)
-    if table.shape[0] != heads:
-        table = table.expand(heads, -1, -1).contiguous()
-    block_mask = flex_block_mask(table, block_size, padded, causal, valid, batch)
+    block_mask = sparse_block_mask(
+        batch, heads, length, block_size=block_size, plan=plan, causal=causal, key_mask=key_mask,
+        documents=documents, device=q.device,
+    )
     return _flex_attention(q, k, v, block_mask, scale)[:, :, :length]
 
 
@@ -447,21 +519,23 @@ class BlockSparseAttention(TokenMixer):
             cos, sin = rotary_cos_sin(torch.arange(length, device=hidden.device), self.head_dim, self.config.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.config.attention_dropout if self.training else 0.0
-        key_mask = inputs.key_mask
+        key_mask, documents = inputs.key_mask, inputs.documents
         dense_up_to = self.dense_up_to
         if dense_up_to is None:
             dense_up_to = full_attention_threshold(self.block_size, self.num_random_blocks, inputs.causal)
         if length <= dense_up_to:
             mask = (
-                segment_attention_mask(length, 0, causal=inputs.causal, key_mask=key_mask, device=hidden.device)
-                if key_mask is not None
+                segment_attention_mask(
+                    length, 0, causal=inputs.causal, key_mask=key_mask, documents=documents, device=hidden.device
+                )
+                if key_mask is not None or documents is not None
                 else None
             )
             out = attend(q, k, v, mask=mask, causal=inputs.causal, dropout=dropout, scale=self.scale)
         else:
             plan = self.random_plan(-(-length // self.block_size), inputs.causal, hidden.device)
             common = {"block_size": self.block_size, "plan": plan, "causal": inputs.causal, "key_mask": key_mask}
-            common["scale"] = self.scale
+            common.update(scale=self.scale, documents=documents)
             if self.use_flex and hidden.is_cuda and dropout == 0.0:
                 out = flex_block_sparse_attention(q, k, v, **common)
             else:

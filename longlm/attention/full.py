@@ -38,7 +38,7 @@ class FullAttention(TokenMixer):
             q = apply_rotary(q, cos[memory_length:], sin[memory_length:])
             k = apply_rotary(k, cos, sin)
         window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None
-        needs_mask = inputs.key_mask is not None or window is not None
+        needs_mask = inputs.key_mask is not None or window is not None or inputs.documents is not None
         mask = (
             segment_attention_mask(
                 hidden.shape[1],
@@ -46,6 +46,7 @@ class FullAttention(TokenMixer):
                 causal=inputs.causal,
                 key_mask=inputs.key_mask,
                 same_length_window=window,
+                documents=inputs.documents,
                 device=hidden.device,
             )
             if needs_mask

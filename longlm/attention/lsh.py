@@ -20,6 +20,13 @@ Dense definition (what `tests/test_lsh.py` rebuilds with explicit (B, H, L, L) m
   chunk and the previous chunk *within the bucket*. Ranks depend only on earlier tokens, so the output
   at t cannot change when later tokens do. (Layout: the same sorted order as above, each query chunk
   reading its own and the two previous sorted chunks, which hold every key it may see.)
+* Documents (`MixerInputs.documents`, when a document starts inside the segment): the pattern runs on each
+  document as if it were alone. Bucket b of a token of document d becomes d * num_buckets + b (padding and
+  filler still in a last bucket above all), so the sort is document-major and a rank (causal) or a chunk
+  slot (bidirectional) counts only tokens of the token's own document plus the *number* of valid tokens of
+  the earlier ones; and a query sees a key only when both carry the same document number (a padding query
+  keeps its own number). Outputs at or after a start therefore do not depend on the content of tokens
+  before it, bit for bit (masked slots contribute exact zeros), in both modes.
 * Self: a token does not attend to itself unless nothing else is visible; its own score is replaced by
   -1e5 (-1e3 in float16), HF's convention, rather than masked.
 * Rounds: out_i = sum over rounds, and over the entries of each round's window, of exp(score) v,
@@ -147,11 +154,14 @@ class LSHAttention(TokenMixer):
             cos, sin = rotary_cos_sin(torch.arange(length, device=hidden.device), head_dim, self.config.rope_theta)
             x = apply_rotary(x, cos, sin)
         padded = -(-length // c) * c
-        buckets = self.buckets(x)
+        buckets, sentinel = self.buckets(x), self.num_buckets
+        documents = None if inputs.documents is None else inputs.documents[:, -length:]
+        if documents is not None:
+            buckets, sentinel = document_major(buckets, documents, self.num_buckets)
         if inputs.key_mask is not None:
-            buckets = buckets.masked_fill(~inputs.key_mask[:, -length:].bool()[:, None, None, :], self.num_buckets)
+            buckets = buckets.masked_fill(~inputs.key_mask[:, -length:].bool()[:, None, None, :], sentinel)
         if padded > length:
-            buckets = F.pad(buckets, (0, padded - length), value=self.num_buckets)
+            buckets = F.pad(buckets, (0, padded - length), value=sentinel)
             x, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (x, v))
         keys = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + NORM_EPS) * head_dim**-0.5
         packed = torch.cat([x, keys, v], dim=-1).view(-1, 3 * head_dim)  # rows (B*H*n)
@@ -159,11 +169,14 @@ class LSHAttention(TokenMixer):
             plan = SortPlan(buckets, padded, c, extra=2 if inputs.causal else 1)
             self_bias = self_score(x.dtype) - packed[:, :head_dim].mul(packed[:, head_dim : 2 * head_dim]).sum(-1)
             self_bias = self_bias.index_select(0, plan.slot_rows).view(plan.rows, -1)
-            if inputs.causal:
-                bias = causal_bias(plan.sorted_buckets, self_bias, self.num_buckets, c)
+            if inputs.causal:  # document-major buckets: a bucket's run of slots holds one document only
+                bias = causal_bias(plan.sorted_buckets, self_bias, sentinel, c)
             else:
                 has_invalid = padded > length or inputs.key_mask is not None
-                bias = bidirectional_bias(plan.order, plan.sorted_buckets, self_bias, self.num_buckets, c, has_invalid)
+                sorted_documents = None if documents is None else plan.sorted_documents(documents, heads)
+                bias = bidirectional_bias(
+                    plan.order, plan.sorted_buckets, self_bias, sentinel, c, has_invalid, sorted_documents
+                )
         packed = packed.index_select(0, plan.window_rows).view(plan.rows, -1, 3 * head_dim)
         dropout = self.config.attention_dropout if self.training else 0.0
         if self.fused and fused_attention_usable(packed) and not dropout:
@@ -172,6 +185,17 @@ class LSHAttention(TokenMixer):
             out = chunk_attention(packed, bias, plan, dropout)
         out = out.view(batch, heads, padded, head_dim)[:, :, :length].to(hidden.dtype)  # the chunk kernels may work in fp32
         return self.o_proj(self.merge_heads(out))
+
+
+def document_major(buckets: torch.Tensor, documents: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, int]:
+    """Buckets (B, H, R, L) renumbered document * num_buckets + bucket, and the sentinel bucket above them all.
+
+    Sorting by these puts each document's tokens together, in its own buckets, after every token of the
+    earlier documents: a token's rank in its bucket and its chunk then count only its own document's tokens
+    (and the *number* of earlier valid tokens), never the content of another document. Documents number at
+    most L, so (L + 1) * num_buckets is free for padding without reading `documents` on the host."""
+    sentinel = (documents.shape[-1] + 1) * num_buckets
+    return buckets + documents[:, None, None, :] * num_buckets, sentinel
 
 
 class SortPlan:
@@ -198,6 +222,15 @@ class SortPlan:
         unsort = self.order + torch.arange(rounds, device=device)[:, None] * padded + row_base[:, :, None] * rounds * padded
         self.unsort_rows = unsort.flatten()
 
+    def sorted_documents(self, documents: torch.Tensor, heads: int) -> torch.Tensor:
+        """(B*H, R * n): the document of every slot (from the tokens' own numbers, so that a padding query
+        in the sentinel bucket still keeps to its document; filler slots take the last token's)."""
+        batch, length = documents.shape
+        if self.padded > length:
+            documents = torch.cat([documents, documents[:, -1:].expand(batch, self.padded - length)], dim=1)
+        documents = documents[:, None, :].expand(batch, heads, self.padded).reshape(self.rows, self.padded)
+        return documents.gather(1, self.order.view(self.rows, -1))
+
 
 # --- the chunk patterns as additive biases (0 = visible, -inf = not, self = -1e5 - own score) -----------
 def visible_to_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -205,13 +238,26 @@ def visible_to_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return visible.to(dtype).reciprocal_().neg_().add_(1)
 
 
-def bidirectional_bias(order, sorted_buckets, self_bias, sentinel: int, c: int, has_invalid: bool) -> torch.Tensor:
-    """(B*H, chunks, c, 2c): a chunk sees itself and the previous chunk of the concatenated rounds."""
+def previous_and_own(slots: torch.Tensor, c: int) -> torch.Tensor:
+    """(B*H, R * n) per-slot values -> (B*H, chunks, 2c): each chunk's window, the previous chunk (cyclic) first."""
+    return torch.cat([slots[:, -c:], slots], dim=1).unfold(1, 2 * c, c)
+
+
+def bidirectional_bias(
+    order, sorted_buckets, self_bias, sentinel: int, c: int, has_invalid: bool, sorted_documents=None
+) -> torch.Tensor:
+    """(B*H, chunks, c, 2c): a chunk sees itself and the previous chunk of the concatenated rounds (only the
+    keys of the query's own document when `sorted_documents` (B*H, R * n) is given)."""
     rows, rounds, padded = sorted_buckets.shape
     chunks = rounds * padded // c
-    if has_invalid:
-        valid = (sorted_buckets != sentinel).view(rows, -1)
-        valid = torch.cat([valid[:, -c:], valid], dim=1).unfold(1, 2 * c, c)  # (B*H, chunks, 2c)
+    if sorted_documents is not None:
+        key_documents = previous_and_own(sorted_documents, c)[:, :, None, :]
+        visible = sorted_documents.view(rows, chunks, c, 1) == key_documents
+        if has_invalid:
+            visible &= previous_and_own((sorted_buckets != sentinel).view(rows, -1), c)[:, :, None, :]
+        bias = visible_to_bias(visible, self_bias.dtype)
+    elif has_invalid:
+        valid = previous_and_own((sorted_buckets != sentinel).view(rows, -1), c)  # (B*H, chunks, 2c)
         bias = visible_to_bias(valid[:, :, None, :], self_bias.dtype).expand(rows, chunks, c, 2 * c).contiguous()
     else:
         bias = self_bias.new_zeros(rows, chunks, c, 2 * c)

@@ -86,6 +86,7 @@ class RelativeAttention(TokenMixer):
             causal=inputs.causal,
             key_mask=inputs.key_mask,
             same_length_window=window,
+            documents=inputs.documents,
             device=hidden.device,
         )
         dropout = self.config.attention_dropout if self.training else 0.0

@@ -22,13 +22,24 @@ the model) and the *unrotated* u_i:
   not padding (or j == i). A token can be in several groups: its output is the mean of its per-group outputs
   (the paper's scatter-average); a token in no group attends to itself only (its output is its value v_i).
 
+Documents (`MixerInputs.documents`, numbers d(i)): in addition to all of the above, i may attend j only when
+d(i) = d(j). The routing heads make this structural, so that a token at or after a document start depends on
+nothing before it, bit for bit: clusters and groups are document-major, i.e. every rule above applies within
+each document as if it were its own sequence.
+* causal: the cluster of i becomes (d(i), c(i)), so r(i) counts only earlier tokens of its own document;
+* bidirectional: centroid c takes the k_d = ceil(L_d / C) best tokens of each document d (L_d = its
+  number of positions, padding included; padding taken last), which form group (d, c), ranked by position.
+The slot layout of a later document then depends on how many tokens precede it, never on what they are.
+Local heads apply the rule inside their window (`windowed_attention(documents=...)`).
+
 Every pattern holds O(L * w) pairs: tokens are laid out cluster by cluster in position order ("slots"),
 where each pattern is a band of width s in slot order cut at group boundaries, computed blockwise like the
 sliding window (`_grouped_band`); the assignment scores are (L, C). With C = 1 and s >= L - 1 both modes are
 full (causal) attention. `global_mask` is ignored (the preset's `sliding` layers serve global tokens).
 
 Online k-means (training only, never while `longlm.layers.recompute.is_recomputing()`): after the forward, with
-A_c = the non-padding tokens of the whole batch whose nearest centroid (argmax, as above) is c and
+A_c = the non-padding tokens of the whole batch (of every document: the centroids are a parameter-like running
+estimate, not attention, and only move after the forward) whose nearest centroid (argmax, as above) is c and
 m_c = mean of their detached u_i, every centroid with A_c non-empty becomes
 mu_c <- normalize(decay * mu_c + (1 - decay) * m_c), decay = `kmeans_decay`; the others are unchanged.
 A recomputed forward (reversible blocks' backward) reuses the centroids of the original forward, so it
@@ -77,29 +88,65 @@ def nearest_centroid(unit: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
     return torch.einsum("brld,rcd->brlc", unit, centroids.to(unit.dtype)).argmax(dim=-1)
 
 
-def causal_slots(unit, centroids, key_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_slots(unit, centroids, key_mask, documents=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots of the causal assignment: (token of each slot, group of each slot), both (B, R, L).
 
-    Slots hold the tokens sorted by (cluster, position); padding tokens form group C after the clusters."""
+    Slots hold the tokens sorted by (cluster, position); padding tokens form group C after the clusters.
+    With `documents` (B, L) the sort key is document-major, d * (C + 1) + cluster, so a token's rank counts
+    only its own document's tokens and a later document's slots depend only on how many precede them."""
     cluster = nearest_centroid(unit, centroids)
     if key_mask is not None:
         cluster = cluster.masked_fill(~key_mask.bool()[:, None, :], centroids.shape[1])
+    if documents is not None:
+        cluster = documents.long()[:, None, :] * (centroids.shape[1] + 1) + cluster
     groups, slots = torch.sort(cluster, dim=-1, stable=True)
     return slots, groups
 
 
-def balanced_slots(unit, centroids, key_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_slots(unit, centroids, key_mask, documents=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots of the bidirectional assignment: centroid c takes its k = ceil(L / C) best tokens (by position).
 
-    Returns (token of each slot, group of each slot), both (B, R, C * k)."""
+    Returns (token of each slot, group of each slot), both (B, R, C * k). With `documents`, see
+    `_document_balanced_slots`."""
     num_clusters, length = centroids.shape[1], unit.shape[2]
     scores = torch.einsum("brld,rcd->brcl", unit, centroids.to(unit.dtype))
     if key_mask is not None:  # cos >= -1 > 1 - 4: any real token outranks every padding token
         scores = scores - 4.0 * (~key_mask.bool())[:, None, None, :].to(scores.dtype)
+    if documents is not None:
+        return _document_balanced_slots(scores, documents.long())
     per_group = math.ceil(length / num_clusters)
     chosen = scores.topk(per_group, dim=-1).indices.sort(dim=-1).values  # (B, R, C, k)
     groups = torch.arange(num_clusters, device=unit.device).repeat_interleave(per_group)
     return chosen.flatten(2), groups.expand_as(chosen.flatten(2))
+
+
+def _document_balanced_slots(scores: torch.Tensor, documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The balanced assignment per document: centroid c takes the k_d = ceil(L_d / C) best tokens of each
+    document d, group d * C + c, by position. `scores` (B, R, C, L), padding already ranked last.
+
+    Returns (slots, groups), both (B, R, C * K) with K = the largest sum of k_d over the rows: centroid c's
+    slots are its chosen tokens of every document in position order (so its groups are contiguous runs),
+    then filler slots (group -1, token 0) up to K, which attend nothing real and are never written back.
+    A document's choice compares only its own tokens' scores (ties: by position)."""
+    batch, _, num_clusters, length = scores.shape
+    sizes = torch.zeros(batch, int(documents.max()) + 1, dtype=torch.long, device=scores.device)
+    sizes.scatter_add_(1, documents, torch.ones_like(documents))  # L_d
+    per_group = (sizes + num_clusters - 1) // num_clusters  # k_d
+    first = sizes.cumsum(1) - sizes  # a document's first position (numbers never decrease along a row)
+    # order every centroid's tokens by (document, score descending, position): two stable sorts
+    by_score = scores.sort(dim=-1, descending=True, stable=True).indices
+    by_document = documents[:, None, None, :].expand_as(by_score).gather(-1, by_score)
+    order = by_score.gather(-1, by_document.sort(dim=-1, stable=True).indices)
+    # in that order, position p holds a token of document documents[p] (the numbers, sorted, are the row)
+    rank = torch.arange(length, device=scores.device) - first.gather(1, documents)
+    taken = (rank < per_group.gather(1, documents))[:, None, None, :]  # (B, 1, 1, L)
+    width = int(per_group.sum(1).max())
+    chosen = torch.where(taken, order, length).sort(dim=-1).values[..., :width]  # (B, R, C, K) by position
+    real = chosen < length
+    slots = chosen.masked_fill(~real, 0)
+    cluster = torch.arange(num_clusters, device=scores.device)[:, None]
+    groups = documents[:, None, None, :].expand(*slots.shape[:-1], length).gather(-1, slots) * num_clusters + cluster
+    return slots.flatten(2), groups.masked_fill(~real, -1).flatten(2)
 
 
 def _grouped_band(
@@ -170,30 +217,44 @@ def routing_attention(
     scale: float,
     key_mask: torch.Tensor | None = None,
     dropout: float = 0.0,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed attention of the routing heads (see the module docstring) -> (B, R, L, Dh).
 
     `q` (B, R, L, Dh) are the (rotated) shared queries/keys, `unit` the unit vectors that are clustered,
-    `centroids` (R, C, Dh)."""
+    `centroids` (R, C, Dh), `documents` (B, L) `MixerInputs.documents` (groups never cross documents)."""
     with torch.no_grad():
         make_slots = causal_slots if causal else balanced_slots
-        slots, groups = make_slots(unit.detach(), centroids, key_mask)
+        slots, groups = make_slots(unit.detach(), centroids, key_mask, documents)
     out = _grouped_band(
         q, None, v, slots, groups, one_sided=one_sided, causal=causal, scale=scale, key_mask=key_mask, dropout=dropout
     )
     index = slots[..., None].expand_as(out)
     if causal:  # the slots are a permutation of the tokens
         return torch.zeros_like(v).scatter(2, index, out)
+    if documents is not None:  # filler slots (group -1) are written to a spare position L, then dropped
+        return _average_per_token(out, v, torch.where(groups >= 0, slots, v.shape[2]))
     totals = torch.zeros_like(v).scatter_add(2, index, out)
     counts = torch.zeros(v.shape[:3], dtype=v.dtype, device=v.device).scatter_add(2, slots, torch.ones_like(slots, dtype=v.dtype))
     counts = counts[..., None]
     return torch.where(counts > 0, totals / counts.clamp(min=1), v)
 
 
+def _average_per_token(out: torch.Tensor, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean of each token's per-group outputs (slot a goes to token target[a]; target L is discarded);
+    a token in no group keeps its value."""
+    batch, heads, length, head_dim = v.shape
+    totals = v.new_zeros(batch, heads, length + 1, head_dim).scatter_add(2, target[..., None].expand_as(out), out)
+    counts = v.new_zeros(batch, heads, length + 1).scatter_add(2, target, torch.ones_like(target, dtype=v.dtype))
+    totals, counts = totals[:, :, :length], counts[:, :, :length, None]
+    return torch.where(counts > 0, totals / counts.clamp(min=1), v)
+
+
 @torch.no_grad()
 def kmeans_step(centroids: torch.Tensor, unit: torch.Tensor, key_mask: torch.Tensor | None, decay: float) -> torch.Tensor:
     """One online spherical k-means step (module docstring) -> the new (R, C, Dh) centroids (math in float32,
-    or float64 for float64 inputs, outside autocast)."""
+    or float64 for float64 inputs, outside autocast). It pools the tokens of every document: the centroids are
+    a running estimate (a parameter-like EMA), not attention, and they move only after the forward."""
     with torch.autocast(unit.device.type, enabled=False):
         return _kmeans_step(centroids, unit, key_mask, decay)
 
@@ -285,7 +346,10 @@ class RoutingAttention(TokenMixer):
             if local_k is not None:
                 local_q, local_k = apply_rotary(local_q, cos, sin), apply_rotary(local_k, cos, sin)
 
-        kwargs = dict(one_sided=self.one_sided, causal=inputs.causal, scale=self.scale, key_mask=key_mask, dropout=dropout)
+        kwargs = dict(
+            one_sided=self.one_sided, causal=inputs.causal, scale=self.scale, key_mask=key_mask, dropout=dropout,
+            documents=inputs.documents,
+        )
         outs = [routing_attention(shared, v[:, :routing], unit, centroids, **kwargs)]
         if local_k is not None:
             outs.append(windowed_attention(local_q, local_k, v[:, routing:], **kwargs))

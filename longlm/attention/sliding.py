@@ -3,7 +3,8 @@
 Dense definition. Window w = attention_window // 2 keys on each side (`attention_window` is one int or one
 per layer), dilation d_h per head (`attention_dilation`: one int, one per head, or one of those per layer),
 G = the tokens where `inputs.global_mask` is True, valid(j) = key_mask[b, j] (True when there is no mask),
-and before(i, j) = (not causal or j <= i).
+and before(i, j) = (not causal or j <= i). Every rule below also requires that i and j lie in the same document
+(`inputs.documents`, when a document starts inside the segment).
 
 - A non-global query i (projections q_proj / kv_proj) attends key j iff
       j == i, or valid(j) and before(i, j) and (j in G or (|i - j| <= w d_h and (i - j) % d_h == 0)).
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.documents import same_document
 from longlm.attention.kernels import attend
 from longlm.attention.registry import MIXERS
 from longlm.attention.windowed import check_window, is_int, layer_window, windowed_attention
@@ -111,7 +113,11 @@ class SlidingWindowAttention(TokenMixer):
             cos, sin = rotary_cos_sin(torch.arange(length, device=hidden.device), self.head_dim, self.config.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.config.attention_dropout if self.training else 0.0
-        common = dict(one_sided=self.one_sided, causal=inputs.causal, scale=self.scale, dilation=self.dilation, dropout=dropout)
+        documents = inputs.documents
+        common = dict(
+            one_sided=self.one_sided, causal=inputs.causal, scale=self.scale, dilation=self.dilation, dropout=dropout,
+            documents=documents,
+        )
         if inputs.global_mask is None:
             out = windowed_attention(q, k, v, key_mask=inputs.key_mask, **common)
             return self.o_proj(self.merge_heads(out))
@@ -125,16 +131,19 @@ class SlidingWindowAttention(TokenMixer):
         if inputs.causal:
             query_pos = torch.arange(length, device=hidden.device)
             extra_mask = extra_mask & (positions[:, None, None, :] <= query_pos[None, None, :, None])
+        if documents is not None:  # a global key of another document is as hidden as any other key
+            extra_mask = extra_mask & same_document(documents, documents.gather(1, positions))[:, None]
         out = windowed_attention(
             q, k, v, key_mask=valid & ~is_global, extra_k=gather(k), extra_v=gather(v), extra_mask=extra_mask, **common
         )
         out = self.merge_heads(out)
-        global_out = self._global_rows(hidden, positions, valid, inputs.causal, cos, sin, dropout)
+        global_out = self._global_rows(hidden, positions, valid, inputs.causal, cos, sin, dropout, documents)
         batch_idx, slot_idx = slot_valid.nonzero(as_tuple=True)
         return self.o_proj(out.index_put((batch_idx, positions[batch_idx, slot_idx]), global_out[batch_idx, slot_idx]))
 
-    def _global_rows(self, hidden, positions, valid, causal: bool, cos, sin, dropout: float) -> torch.Tensor:
-        """Outputs of the global tokens (B, G, inner): global projections, every valid (earlier) key."""
+    def _global_rows(self, hidden, positions, valid, causal: bool, cos, sin, dropout: float, documents=None) -> torch.Tensor:
+        """Outputs of the global tokens (B, G, inner): global projections, every valid (earlier) key of their
+        document."""
         length = hidden.shape[1]
         picked = hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.shape[2]))
         q = self.split_heads(self.q_global_proj(picked))  # (B, H, G, Dh)
@@ -146,7 +155,10 @@ class SlidingWindowAttention(TokenMixer):
         mask = valid[:, None, :].expand(-1, positions.shape[1], -1)
         if causal:
             mask = mask & (key_pos <= positions[:, :, None])
-        mask = (mask | (key_pos == positions[:, :, None]))[:, None]  # (B, 1, G, L)
+        mask = mask | (key_pos == positions[:, :, None])
+        if documents is not None:
+            mask = mask & same_document(documents.gather(1, positions), documents)
+        mask = mask[:, None]  # (B, 1, G, L)
         out = attend(q, k, v, mask=mask, causal=False, dropout=dropout, scale=self.scale)
         return self.merge_heads(out)
 

@@ -74,6 +74,7 @@ def windowed_attention(
     extra_mask: torch.Tensor | None = None,
     backend: str = "auto",
     block_size: int | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention (see the module docstring for the exact pattern) -> (B, H, L, Dh).
 
@@ -84,6 +85,8 @@ def windowed_attention(
     blocks, any device), "flex" (FlexAttention with a block-sparse mask; no dropout; compiled on CUDA, eager
     and slow elsewhere, which only tests use) or "auto" = flex on CUDA when available and dropout is 0, else
     blocked. `block_size` overrides the blocked backend's query block (default: w, or min(w, 64) causal).
+    `documents` (B, L) long (`MixerInputs.documents`): a query sees only band keys of its own document (the
+    caller folds the rule into `extra_mask` for extra keys).
     """
     heads = q.shape[1]
     if not isinstance(one_sided, int) or one_sided < 0:
@@ -101,7 +104,7 @@ def windowed_attention(
         try:
             return flex_windowed(
                 q, k, v, one_sided=one_sided, dilation=per_head, causal=causal, scale=scale, key_mask=key_mask,
-                extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask,
+                extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, documents=documents,
             )
         except Exception as error:  # e.g. no Triton for this GPU: say so once, then stay on the blocked path
             _flex_state["broken"] = True
@@ -111,9 +114,12 @@ def windowed_attention(
             raise ValueError("windowed_attention: the flex backend has no attention dropout; use backend='blocked'.")
         return flex_windowed(
             q, k, v, one_sided=one_sided, dilation=per_head, causal=causal, scale=scale, key_mask=key_mask,
-            extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask,
+            extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, documents=documents,
         )
-    common = dict(one_sided=one_sided, causal=causal, scale=scale, key_mask=key_mask, dropout=dropout, block_size=block_size)
+    common = dict(
+        one_sided=one_sided, causal=causal, scale=scale, key_mask=key_mask, dropout=dropout, block_size=block_size,
+        documents=documents,
+    )
     if len(set(per_head)) == 1:
         return _banded(q, k, v, dilation=per_head[0], extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, **common)
     # heads with different dilations: one banded call per group of equal dilation
@@ -144,7 +150,7 @@ def _rows(x: torch.Tensor, dilation: int, n: int, left: int, right: int) -> torc
 
 def _banded(
     q, k, v, *, one_sided: int, dilation: int, causal: bool, scale: float, key_mask, dropout: float,
-    extra_k, extra_v, extra_mask, block_size: int | None,
+    extra_k, extra_v, extra_mask, block_size: int | None, documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The band through SDPA on blocks of queries, each with its neighbourhood of keys (module docstring)."""
     batch, heads, length, head_dim = q.shape
@@ -171,6 +177,10 @@ def _banded(
     offset = torch.arange(span, device=q.device)[None, :] - left - torch.arange(c, device=q.device)[:, None]
     band = ((offset <= 0) if causal else (offset <= one_sided)) & (offset >= -one_sided)
     allowed = (valid[:, :, None, :] | (offset == 0)) & band  # (B|1 d, blocks, c, span)
+    if documents is not None:  # block-diagonal by document: each query's number against its keys'
+        query_docs = _rows(documents, d, seq, 0, 0).view(-1, blocks, c)
+        key_docs = _rows(documents, d, seq, left, right).unfold(1, span, c)  # (B d, blocks, span)
+        allowed = allowed & (query_docs[..., :, None] == key_docs[..., None, :])
     allowed = allowed.view(-1, d, blocks, c, span).expand(batch, d, blocks, c, span).reshape(rows, 1, c, span)
     if extra_k is not None:
         g = extra_k.shape[2]
@@ -217,7 +227,7 @@ def _flex_kernel(on_cuda: bool):
 
 def flex_block_mask(
     batch: int, heads: int, length: int, *, one_sided: int, dilation: list[int], causal: bool, key_mask, extra: int,
-    extra_mask, device,
+    extra_mask, device, documents=None,
 ):
     """The BlockMask of the pattern over L queries and L + extra keys (extra keys appended after the sequence)."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -238,6 +248,8 @@ def flex_block_mask(
         if causal:
             band = band & (diff >= 0)
         allowed = (ki < length) & (band | (diff == 0))
+        if documents is not None:
+            allowed = allowed & (documents[b, qi] == documents[b, ki.clamp(max=length - 1)])
         if extra:
             allowed = allowed | ((ki >= length) & em[b, h, qi, (ki - length).clamp(min=0)])
         return allowed
@@ -259,7 +271,8 @@ def flex_block_mask(
 
 
 def flex_windowed(
-    q, k, v, *, one_sided: int, dilation: list[int], causal: bool, scale: float, key_mask, extra_k, extra_v, extra_mask
+    q, k, v, *, one_sided: int, dilation: list[int], causal: bool, scale: float, key_mask, extra_k, extra_v, extra_mask,
+    documents=None,
 ) -> torch.Tensor:
     """`windowed_attention` through FlexAttention; extra keys are appended after the L sequence keys."""
     batch, heads, length, _ = q.shape
@@ -274,6 +287,6 @@ def flex_windowed(
         extra = padded
     block_mask = flex_block_mask(
         batch, heads, length, one_sided=one_sided, dilation=dilation, causal=causal, key_mask=key_mask, extra=extra,
-        extra_mask=extra_mask, device=q.device,
+        extra_mask=extra_mask, device=q.device, documents=documents,
     )
     return _flex_kernel(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale)
