@@ -20,8 +20,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.documents import document_numbers
 from longlm.configuration_longlm import LongLMConfig
 from longlm.layers.block import LongLMBlock
+from longlm.layers.packing import PackedRows
 from longlm.layers.recompute import recomputing
 from longlm.layers.reversible import reversible_stack
 from longlm.memory.base import MemoryState, SegmentPass
@@ -137,9 +139,12 @@ class LongLMModel(LongLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def embed(self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings (scaled) + absolute positions + token types, then the embedding norm: each part
-        only when the config asks for it (BERT-family models have all three, the decoders none)."""
+        only when the config asks for it (BERT-family models have all three, the decoders none). Absolute
+        positions count each row's real tokens (`attention_mask`), so left padding moves no position."""
         hidden = inputs_embeds * self.embed_scale
         length = hidden.shape[1]
         if self.embed_positions is not None:
@@ -151,8 +156,10 @@ class LongLMModel(LongLMPreTrainedModel):
                     f"(max_position_embeddings={self.config.max_position_embeddings}, "
                     f"position_offset={self.config.position_offset}); expected a shorter input."
                 )
-            positions = torch.arange(self.config.position_offset, last, device=hidden.device)
-            hidden = hidden + self.embed_positions(positions)[None]
+            positions = torch.arange(self.config.position_offset, last, device=hidden.device)[None]
+            if attention_mask is not None and not bool(attention_mask.all()):
+                positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0) + self.config.position_offset
+            hidden = hidden + self.embed_positions(positions)
         if self.embed_token_types is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
@@ -229,29 +236,44 @@ class LongLMModel(LongLMPreTrainedModel):
                     f"expected the shape of input_ids, {tokens_shape}."
                 )
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the shape of input_ids, {tokens_shape}.")
-        hidden = self.embed(inputs_embeds, token_type_ids)
+        hidden = self.embed(inputs_embeds, token_type_ids, attention_mask)
         if not segment_continues:
             memory = self.memory.begin_segment(memory)
-        hidden, before, after = self.memory.extend_inputs(memory, hidden)
+        if memory is not None and document_starts is not None and bool(document_starts[:, 0].any()):
+            memory = memory.reset_rows(document_starts[:, 0].bool())  # a document begun here reads nothing older
+        hidden, before, after = self.memory.extend_inputs(memory, hidden, document_starts)
         batch, length = hidden.shape[:2]
 
         def extended(mask: torch.Tensor | None, fill: bool) -> torch.Tensor | None:
             """A (B, L) token mask over the extended sequence (tokens the memory added get `fill`)."""
             return mask if mask is None or not (before or after) else F.pad(mask.long(), (before, after), value=int(fill))
 
-        key_mask = self._key_mask(memory, extended(attention_mask, True), batch, length, hidden.device)
+        token_mask = extended(attention_mask, True)
         global_mask = extended(global_attention_mask, False)
         starts = extended(document_starts, False)
         global_mask = None if global_mask is None or not bool(global_mask.any()) else global_mask.bool()
         starts = None if starts is None else starts.bool()
+        if starts is not None and before:  # tokens the memory adds before a segment that begins a document belong to it
+            starts = starts.clone()
+            starts[:, 0] |= starts[:, before]
+            starts[:, before] = False
+        # padding after the real positions of every row, so patterns count positions from the first real token
+        if token_mask is not None and not bool(token_mask.all()):
+            self.memory.check_padding(memory, attention_mask)
+        layout = None if token_mask is None else PackedRows.for_mask(token_mask)
+        if layout is not None:
+            hidden, token_mask = layout.pack(hidden), layout.pack(token_mask)
+        packed_starts = starts if layout is None else layout.pack(starts)
+        key_mask = self._key_mask(memory, token_mask, batch, length, hidden.device)
         mixer_inputs = [
             MixerInputs(
                 self.memory.context(memory, layer_idx)[0],
                 key_mask,
                 causal=self.config.is_decoder,
                 payload=self.memory.mixer_payload(memory, layer_idx),
-                global_mask=global_mask,
-                document_starts=starts,
+                global_mask=global_mask if layout is None else layout.pack(global_mask),
+                document_starts=packed_starts,
+                documents=document_numbers(packed_starts, self.memory.context(memory, layer_idx)[0]),
             )
             for layer_idx in range(len(self.layers))
         ]
@@ -263,8 +285,12 @@ class LongLMModel(LongLMPreTrainedModel):
                 layer_inputs.append(hidden)
                 hidden = layer(hidden, inputs)
         hidden = self.dropout(self.final_norm(hidden))
+        if layout is not None:
+            hidden, layer_inputs = layout.unpack(hidden), [layout.unpack(h) for h in layer_inputs]
         mixers = [layer.block.mixer for layer in self.layers]
-        segment = SegmentPass(layer_inputs, hidden, attention_mask, mixers, document_starts=starts, segment_ends=segment_ends)
+        segment = SegmentPass(
+            layer_inputs, hidden, attention_mask, mixers, document_starts=starts, segment_ends=segment_ends, layout=layout
+        )
         new_memory = self.memory.update(memory, segment)
         aux_losses = self.memory.auxiliary_losses(memory, segment) if self.training else {}
         if output_hidden_states and self.config.reversible:
@@ -385,17 +411,23 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         memory = generation_memory_from(kwargs)
         carries = self.model.memory.carries_context
         use_cache = kwargs.get("use_cache", self.config.use_cache) is not False
+        document_starts = kwargs.get("document_starts")  # the prompt's; generated tokens begin no document
+        if document_starts is not None:
+            document_starts = F.pad(document_starts.bool(), (0, input_ids.shape[1] - document_starts.shape[1]))
         segment: dict[str, bool] = {}
         if carries and use_cache:
             if memory is not None:  # the sequence so far: the memory has absorbed its first num_tokens
                 seen = memory.num_tokens
                 input_ids = input_ids[:, seen:]
                 attention_mask = None if attention_mask is None else attention_mask[:, seen:]
+                document_starts = None if document_starts is None else document_starts[:, seen:]
             # a memory passed to generate (one it returned) continues its text: its segment goes on
             segment = {"segment_continues": True, "segment_ends": False}
         elif not carries:
             memory = self.model.memory.generation_memory(memory, input_ids.shape[0])
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory, **segment}
+        if document_starts is not None and bool(document_starts.any()):
+            inputs["document_starts"] = document_starts
         # generate's output switches (output_hidden_states / output_attentions with return_dict_in_generate)
         inputs.update({name: kwargs[name] for name in GENERATION_FLAGS if name in kwargs})
         return inputs

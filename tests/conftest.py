@@ -32,3 +32,16 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def pg19_train(tmp_path_factory):
+    """The PG-19 sample's train split under a 1,000-piece SentencePiece model (real books, real boundaries:
+    `.tokens`, `.doc_starts`); skips when ../shared/data is not beside the checkout."""
+    from longlm.data import CORPORA
+    from tests.paths import PG19_SAMPLE, PG19_VOCAB
+
+    if not PG19_SAMPLE.exists():
+        pytest.skip("../shared/data is not beside the checkout")
+    corpus = CORPORA.get("pg19")(PG19_SAMPLE, cache_dir=tmp_path_factory.mktemp("pg19"), vocab_size=PG19_VOCAB)
+    return corpus.split("train")

@@ -7,6 +7,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 ENWIK8_SAMPLE = SHARED_DATA / "enwik8-sample" / "enwiki_sample.xml"
 PG19_SAMPLE = SHARED_DATA / "pg19-sample"
+PG19_VOCAB = 1000  # the SentencePiece size of the `pg19_train` fixture (conftest.py)
 
 requires_shared_data = pytest.mark.skipif(
     not ENWIK8_SAMPLE.exists() or not PG19_SAMPLE.exists(), reason="../shared/data is not beside the checkout"

@@ -225,7 +225,11 @@ def test_generation_continues_from_a_returned_memory(name):
         once = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
         first = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
         memory = generated_memory(first)
-        resumed = model.generate(first.sequences, memory=memory, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        # the mask says every token is real: generate would otherwise take a generated pad_token_id for padding
+        real = torch.ones_like(first.sequences)
+        resumed = model.generate(
+            first.sequences, attention_mask=real, memory=memory, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
     assert resumed.tolist() == once.tolist()
 
 

@@ -9,7 +9,15 @@ from torch import nn
 
 if TYPE_CHECKING:
     from longlm.attention.base import TokenMixer
+    from longlm.layers.packing import PackedRows
     from longlm.configuration_longlm import LongLMConfig
+
+
+def last_document_tokens(document_starts: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: True at and after each row's last document start (everywhere for a row without one), the
+    only tokens whose states a memory may carry past the segment."""
+    numbers = document_starts.long().cumsum(dim=1)
+    return numbers == numbers[:, -1:]
 
 
 @dataclasses.dataclass
@@ -23,6 +31,8 @@ class SegmentPass:
     tokens of the (extended) sequence that begin a new document, or is None. `segment_ends` is False while
     more tokens of the same segment follow in later calls (generate's steps after the prompt): a memory
     that writes a segment's tokens somewhere they are *retrieved* from (knn) holds them back until it ends.
+    Everything here is in the segment's own order; `layout` is how the layers saw it when the batch was
+    padded (`longlm.layers.packing`: real positions first), for what a mixer computed in that order.
     """
 
     layer_inputs: list[torch.Tensor]
@@ -31,6 +41,7 @@ class SegmentPass:
     mixers: Sequence["TokenMixer"]
     document_starts: torch.Tensor | None = None
     segment_ends: bool = True
+    layout: "PackedRows | None" = None
 
 
 @dataclasses.dataclass
@@ -93,8 +104,11 @@ class SegmentMemory(nn.Module):
     def check_config(cls, config: "LongLMConfig") -> None:
         """Validate the config fields this memory reads (one clear sentence per bad field)."""
 
-    def extend_inputs(self, state: MemoryState | None, hidden: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """(extended hidden states, tokens added before the segment, tokens added after it)."""
+    def extend_inputs(
+        self, state: MemoryState | None, hidden: torch.Tensor, document_starts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int, int]:
+        """(extended hidden states, tokens added before the segment, tokens added after it). `document_starts`
+        (B, L) or None: tokens added after a row's last document start must hold nothing from before it."""
         return hidden, 0, 0
 
     def context(self, state: MemoryState | None, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -105,6 +119,10 @@ class SegmentMemory(nn.Module):
         """The (B, M) validity mask, or None when every slot is known (on the host) to be valid, so the
         model can skip masking without a device-to-host sync."""
         return self.context(state, 0)[1]
+
+    def check_padding(self, state: MemoryState | None, attention_mask: torch.Tensor | None) -> None:
+        """Raise (one sentence) when this memory cannot give a padded row what the row alone gets; called only
+        for a padded batch. Default: every memory can."""
 
     def begin_segment(self, state: MemoryState | None) -> MemoryState | None:
         """The state a new segment starts from (called unless the forward continues the previous call's

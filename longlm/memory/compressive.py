@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass
+from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass, last_document_tokens
 from longlm.memory.registry import MEMORIES
 from longlm.registry import Registry
 
@@ -303,6 +303,10 @@ class CompressiveMemory(SegmentMemory):
             else segment.token_mask.bool()
         )
         valid = [new_valid] if state is None else [state.pending_valid, state.valid, new_valid]
+        starts = segment.document_starts
+        if starts is not None and bool(starts.any()):  # nothing from before a row's last document start survives
+            older = ~starts.bool().any(dim=1, keepdim=True)
+            valid = [v & older for v in valid[:-1]] + [new_valid & last_document_tokens(starts)]
         total = sum(v.shape[1] for v in valid)
         evicted = max(total - self.mem_len, 0)
         blocked = (evicted // self.rate) * self.rate if self.cmem_len > 0 else 0
@@ -320,11 +324,27 @@ class CompressiveMemory(SegmentMemory):
             keys, key_valid, memory_length, pending = new, new_valid, 0, []
         else:
             keys = torch.cat([state.hidden[layer_idx], new], dim=1)
-            key_valid = torch.cat([state.valid, new_valid], dim=1)
+            key_valid = torch.cat([cut.valid[1], new_valid], dim=1)  # as this update sees them (documents)
             memory_length, pending = state.valid.shape[1], [state.pending_usage[layer_idx]]
         _, weights = content_attention(segment.mixers[layer_idx], new, keys, key_valid, causal_offset=memory_length)
         weights = weights * new_valid[:, None, :, None]  # padding queries do not vote
         return pending + [weights.sum(dim=(1, 2)).to(new.dtype)]
+
+    def check_padding(self, state: CompressiveMemoryState | None, attention_mask: torch.Tensor | None) -> None:
+        """Refused: compression blocks are cut at fixed positions of the shared stream, so a padded row's
+        blocks (and which states they merge) would differ from the row alone's."""
+        raise ValueError(
+            "The compressive memory cannot take a padded batch (attention_mask with zeros): its compression blocks "
+            "are cut at fixed positions of every row's stream, so padding would change what each row compresses; "
+            "expected rows of equal length without padding, such as one row per call."
+        )
+
+    @staticmethod
+    def _kept_rows(segment: SegmentPass) -> torch.Tensor | bool:
+        """(B, 1): rows whose compressed memory survives the segment (no document starts inside it)."""
+        if segment.document_starts is None:
+            return True
+        return ~segment.document_starts.bool().any(dim=1, keepdim=True)
 
     def update(self, state: CompressiveMemoryState | None, segment: SegmentPass) -> CompressiveMemoryState:
         cut = self._cut(state, segment)
@@ -350,7 +370,7 @@ class CompressiveMemory(SegmentMemory):
                     old = old + [new]
                 length = sum(t.shape[1] for t in old)
                 compressed.append(_span(old, length - self.cmem_len, length) if old else stream[-1][:, :0].clone())
-            old_valid = [] if state is None else [state.compressed_valid]
+            old_valid = [] if state is None else [state.compressed_valid & self._kept_rows(segment)]
             if blocks:
                 old_valid = old_valid + [block_valid]
             if old_valid:
@@ -360,7 +380,8 @@ class CompressiveMemory(SegmentMemory):
             pending_valid = _span(cut.valid, cut.blocked, pending_to)
         length = segment.layer_inputs[0].shape[1]
         since = None if state is None else state.tokens_since_invalid
-        since = 0 if segment.token_mask is not None else (None if since is None else since + length)
+        invalidated = segment.token_mask is not None or (segment.document_starts is not None and bool(segment.document_starts.any()))
+        since = 0 if invalidated else (None if since is None else since + length)
         horizon = self.mem_len + (self.rate * (self.cmem_len + 1) if self.cmem_len > 0 else 0)
         return CompressiveMemoryState(
             hidden=tuple(hidden),

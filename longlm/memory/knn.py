@@ -140,8 +140,9 @@ class KNNMemory(XLMemory):
             if entries is None:
                 raise RuntimeError(f"Layer {layer_idx}'s mixer handed no (key, value) pairs; the knn memory needs the knn mixer there.")
             mixer.segment_entries = None  # handed over once; the memory holds them now
-            new_keys.append(entries[0].detach())
-            new_values.append(entries[1].detach())
+            layout = segment.layout  # the mixer saw the padded batch packed; the pairs go back to the segment's order
+            new_keys.append(entries[0].detach() if layout is None else layout.unpack(entries[0].detach(), dim=2))
+            new_values.append(entries[1].detach() if layout is None else layout.unpack(entries[1].detach(), dim=2))
         fields = {f.name: getattr(xl, f.name) for f in dataclasses.fields(XLMemoryState)}
         old = {"keys": (), "values": ()} if state is None else {"keys": state.keys, "values": state.values}
         held = {"keys": (), "values": ()} if state is None else {"keys": state.pending_keys, "values": state.pending_values}

@@ -87,13 +87,22 @@ class RMTMemory(SegmentMemory):
             return learned
         return torch.where(state.fresh.to(like.device)[:, None, None], learned, state.memory.to(like.dtype))
 
-    def extend_inputs(self, state: RMTMemoryState | None, hidden: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def extend_inputs(
+        self, state: RMTMemoryState | None, hidden: torch.Tensor, document_starts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int, int]:
+        """Decoder rows where a document starts inside the segment get write slots holding the learned initial
+        memory, not the read memory: what they write then comes from a fresh memory and the new document
+        only (the model's document mask keeps the slots to the row's last document)."""
         count = self.num_tokens
         if count == 0:
             return hidden, 0, 0
         read = self._read_memory(state, hidden.shape[0], hidden)
         if self.config.is_decoder:
-            return torch.cat([read, hidden, read], dim=1), count, count
+            write = read
+            if document_starts is not None and bool(document_starts.any()):
+                starts_here = document_starts.bool().any(dim=1).to(hidden.device)[:, None, None]
+                write = torch.where(starts_here, self._read_memory(None, hidden.shape[0], hidden), read)
+            return torch.cat([read, hidden, write], dim=1), count, count
         return torch.cat([read, hidden], dim=1), count, 0
 
     def update(self, state: RMTMemoryState | None, segment: SegmentPass) -> RMTMemoryState | None:

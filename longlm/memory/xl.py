@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass
+from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass, last_document_tokens
 from longlm.memory.registry import MEMORIES
 
 
@@ -50,10 +50,8 @@ def _after_last_start(document_starts: torch.Tensor, slots: int) -> torch.Tensor
     """(B, slots): True for the last `slots` positions of [earlier segments; this segment] that lie at or
     after the row's last document start in this segment (a row without a start keeps every slot)."""
     batch, length = document_starts.shape
-    document = document_starts.long().cumsum(dim=1)
-    in_segment = document == document[:, -1:]
-    earlier = (document[:, -1:] == 0).expand(batch, max(slots - length, 0))
-    return torch.cat([earlier, in_segment], dim=1)[:, -slots:]
+    earlier = (~document_starts.bool().any(dim=1, keepdim=True)).expand(batch, max(slots - length, 0))
+    return torch.cat([earlier, last_document_tokens(document_starts)], dim=1)[:, -slots:]
 
 
 @MEMORIES.register("xl")
@@ -84,6 +82,8 @@ class XLMemory(SegmentMemory):
             empty = layer_inputs[0].new_zeros(batch, 0, layer_inputs[0].shape[-1])
             return XLMemoryState(tuple(empty for _ in layer_inputs), new_valid[:, :0], num_tokens)
         previous = state if state is not None and state.length > 0 else None
+        if token_mask is not None:  # padding leaves the cache: each row's real slots end where its tokens end
+            return self._packed_update(previous, layer_inputs, new_valid, num_tokens, segment.document_starts)
         with torch.no_grad():
             hidden = tuple(
                 _append(None if previous is None else previous.hidden[i], new, mem_len) for i, new in enumerate(layer_inputs)
@@ -95,6 +95,26 @@ class XLMemory(SegmentMemory):
             valid = valid & _after_last_start(segment.document_starts, valid.shape[1])
             fully_valid = False
         return XLMemoryState(hidden, valid, num_tokens, fully_valid)
+
+    def _packed_update(self, previous, layer_inputs, new_valid, num_tokens: int, document_starts) -> XLMemoryState:
+        """The update of a padded segment: [cache; segment] with every row's invalid slots moved before its
+        valid ones (order kept), then the last `mem_len`, so a padded row caches what the row alone caches."""
+        mem_len = self.config.mem_len
+        valid = new_valid
+        if document_starts is not None and bool(document_starts.any()):
+            valid = valid & _after_last_start(document_starts, valid.shape[1])
+        if previous is not None:
+            kept = previous.valid
+            if document_starts is not None:
+                kept = kept & ~document_starts.bool().any(dim=1, keepdim=True)
+            valid = torch.cat([kept, valid], dim=1)
+        order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)[:, -mem_len:]
+        with torch.no_grad():
+            hidden = []
+            for i, new in enumerate(layer_inputs):
+                stream = new.detach() if previous is None else torch.cat([previous.hidden[i], new.detach()], dim=1)
+                hidden.append(stream.gather(1, order[..., None].expand(-1, -1, stream.shape[-1])))
+        return XLMemoryState(tuple(hidden), valid.gather(1, order), num_tokens, fully_valid=False)
 
     def state_from_dict(self, data: dict[str, Any]) -> XLMemoryState:
         return XLMemoryState(
