@@ -113,3 +113,14 @@ def test_generate_after_a_prompt_holding_a_boundary_ignores_the_earlier_book(nam
             )
         outputs.append(torch.stack(generated.logits, dim=1))
     assert (outputs[0] - outputs[1]).abs().max().item() == 0.0, name
+
+
+@requires_shared_data
+def test_dilated_heads_keep_to_their_document_too(streams):
+    """Longformer with per-head dilation (its paper's upper layers): every dilation group masks by document."""
+    original, changed, starts = streams
+    torch.manual_seed(0)
+    config = tiny_preset_config("longformer", vocab_size=VOCAB, initializer_range=0.1, attention_dilation=[1, 1, 2, 2])
+    model = LongLMForCausalLM(config).double().eval()
+    with torch.no_grad():
+        _assert_nothing_crosses(_segment_logits(model, original, starts), _segment_logits(model, changed, starts), "dilated")

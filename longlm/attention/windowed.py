@@ -172,7 +172,9 @@ def _banded(
         x = _rows(x.transpose(1, 2), d, seq, left, right)  # (B d, left + seq + right, H, Dh)
         return x.unfold(1, span, c).permute(0, 1, 2, 4, 3).reshape(rows, heads, span, head_dim)
     kb, vb = neighbourhood(k), neighbourhood(v)
-    valid = torch.ones(1, length, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    # one row for all when nothing differs per row; per row when documents do (rows are (row, dilation) pairs)
+    rows_of_valid = 1 if documents is None else batch
+    valid = torch.ones(rows_of_valid, length, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
     valid = _rows(valid.to(torch.uint8), d, seq, left, right).unfold(1, span, c).bool()  # (B|1 d, blocks, span)
     offset = torch.arange(span, device=q.device)[None, :] - left - torch.arange(c, device=q.device)[:, None]
     band = ((offset <= 0) if causal else (offset <= one_sided)) & (offset >= -one_sided)
