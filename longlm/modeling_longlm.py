@@ -21,6 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.documents import document_numbers
+from longlm.attention.kv_cache import KVCacheState, cached_call_slots
 from longlm.configuration_longlm import LongLMConfig
 from longlm.layers.block import LongLMBlock
 from longlm.layers.packing import PackedRows
@@ -140,11 +141,16 @@ class LongLMModel(LongLMPreTrainedModel):
         self.embed_tokens = value
 
     def embed(
-        self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+        self,
+        inputs_embeds: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        first_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings (scaled) + absolute positions + token types, then the embedding norm: each part
         only when the config asks for it (BERT-family models have all three, the decoders none). Absolute
-        positions count each row's real tokens (`attention_mask`), so left padding moves no position."""
+        positions count each row's real tokens (`attention_mask`), so left padding moves no position;
+        `first_position` (B,) is where each row's tokens start (a cached generate() step)."""
         hidden = inputs_embeds * self.embed_scale
         length = hidden.shape[1]
         if self.embed_positions is not None:
@@ -159,6 +165,13 @@ class LongLMModel(LongLMPreTrainedModel):
             positions = torch.arange(self.config.position_offset, last, device=hidden.device)[None]
             if attention_mask is not None and not bool(attention_mask.all()):
                 positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0) + self.config.position_offset
+            if first_position is not None:
+                positions = positions + first_position[:, None]
+                if int(positions.max()) >= self.config.max_position_embeddings:
+                    raise ValueError(
+                        f"Generation reached position {int(positions.max())} but the absolute position table holds "
+                        f"{self.config.max_position_embeddings} positions; expected fewer new tokens."
+                    )
             hidden = hidden + self.embed_positions(positions)
         if self.embed_token_types is not None:
             if token_type_ids is None:
@@ -187,6 +200,25 @@ class LongLMModel(LongLMPreTrainedModel):
         ]
         return torch.cat(parts, dim=1)
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Whether generate() can cache keys/values (`longlm.attention.kv_cache`): the memory adds no state of
+        its own and every layer's mixer attends its pattern from a cache."""
+        mixers_cache = all(layer.block.mixer.supports_kv_cache for layer in self.layers)
+        return bool(self.config.is_decoder) and self.memory.allows_kv_cache and mixers_cache
+
+    def _check_kv_cache(self, memory: MemoryState | None) -> None:
+        if isinstance(memory, KVCacheState) and not self.supports_kv_cache:
+            raise ValueError(
+                "memory is a KVCacheState but this model cannot attend from cached keys/values (its memory or a "
+                "mixer does not support it); expected the memory this model returned."
+            )
+        if isinstance(memory, KVCacheState) and len(memory.keys) != len(self.layers):
+            raise ValueError(
+                f"memory is a KVCacheState of {len(memory.keys)} layers but the model has {len(self.layers)}; "
+                "expected the cache this model returned."
+            )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -201,13 +233,17 @@ class LongLMModel(LongLMPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         segment_continues: bool = False,
         segment_ends: bool = True,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> LongLMModelOutput:
         """`global_attention_mask` (B, L): 1 on tokens with global attention (Longformer's convention; read by
         the mixers that have global tokens). `document_starts` (B, L): True on tokens that begin a new
         document inside the segment (read by memories that must forget at document ends).
         `segment_continues` / `segment_ends` (generate sets them; one call is one segment otherwise): this
-        call continues the previous call's segment / more tokens of this segment follow."""
+        call continues the previous call's segment / more tokens of this segment follow.
+        `use_cache=True` on a model whose memory and mixers allow it (`supports_kv_cache`) returns the
+        mixers' keys/values as `.memory` (a `KVCacheState`); passing that back as `memory` feeds only the new
+        tokens (what `generate()` does)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
@@ -236,7 +272,14 @@ class LongLMModel(LongLMPreTrainedModel):
                     f"expected the shape of input_ids, {tokens_shape}."
                 )
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the shape of input_ids, {tokens_shape}.")
-        hidden = self.embed(inputs_embeds, token_type_ids, attention_mask)
+        kv_cache = memory if isinstance(memory, KVCacheState) else None
+        if kv_cache is not None or use_cache is True:
+            self._check_kv_cache(memory)
+        caching = kv_cache is not None or (use_cache is True and self.supports_kv_cache)
+        memory = None if kv_cache is not None else memory
+        hidden = self.embed(
+            inputs_embeds, token_type_ids, attention_mask, None if kv_cache is None else kv_cache.next_position
+        )
         if not segment_continues:
             memory = self.memory.begin_segment(memory)
         if memory is not None and document_starts is not None and bool(document_starts[:, 0].any()):
@@ -260,11 +303,17 @@ class LongLMModel(LongLMPreTrainedModel):
         # padding after the real positions of every row, so patterns count positions from the first real token
         if token_mask is not None and not bool(token_mask.all()):
             self.memory.check_padding(memory, attention_mask)
-        layout = None if token_mask is None else PackedRows.for_mask(token_mask)
+        # a cached step masks by each slot's own position instead (`kv_cache.py`)
+        layout = None if token_mask is None or kv_cache is not None else PackedRows.for_mask(token_mask)
         if layout is not None:
             hidden, token_mask = layout.pack(hidden), layout.pack(token_mask)
         packed_starts = starts if layout is None else layout.pack(starts)
         key_mask = self._key_mask(memory, token_mask, batch, length, hidden.device)
+        slots: list = [None] * len(self.layers)
+        if caching:
+            slots, next_position, last_document = cached_call_slots(
+                kv_cache, len(self.layers), token_mask, packed_starts, (batch, length), hidden.device
+            )
         mixer_inputs = [
             MixerInputs(
                 self.memory.context(memory, layer_idx)[0],
@@ -274,6 +323,7 @@ class LongLMModel(LongLMPreTrainedModel):
                 global_mask=global_mask if layout is None else layout.pack(global_mask),
                 document_starts=packed_starts,
                 documents=document_numbers(packed_starts, self.memory.context(memory, layer_idx)[0]),
+                cache=slots[layer_idx],
             )
             for layer_idx in range(len(self.layers))
         ]
@@ -292,6 +342,9 @@ class LongLMModel(LongLMPreTrainedModel):
             layer_inputs, hidden, attention_mask, mixers, document_starts=starts, segment_ends=segment_ends, layout=layout
         )
         new_memory = self.memory.update(memory, segment)
+        if caching:
+            fed = tokens_shape[1] + (0 if kv_cache is None else kv_cache.num_tokens)
+            new_memory = KVCacheState.from_slots(slots, next_position, last_document, fed)
         aux_losses = self.memory.auxiliary_losses(memory, segment) if self.training else {}
         if output_hidden_states and self.config.reversible:
             raise ValueError(
@@ -347,6 +400,7 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         global_attention_mask: torch.Tensor | None = None,
         document_starts: torch.Tensor | None = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> LongLMCausalLMOutput:
         outputs = self.model(
@@ -361,6 +415,7 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
             document_starts=document_starts,
             segment_continues=kwargs.pop("segment_continues", False),
             segment_ends=kwargs.pop("segment_ends", True),
+            use_cache=use_cache,
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
@@ -399,8 +454,9 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Feed only the tokens the memory has not absorbed when the memory carries the context;
-        otherwise feed the whole sequence again, with what the memory says each step reads
+        """Feed only the tokens the memory has not absorbed when the memory carries the context, or when the
+        model caches keys/values instead (`LongLMModel.supports_kv_cache`: `full`, `sliding`); otherwise feed
+        the whole sequence again, with what the memory says each step reads
         (`SegmentMemory.generation_memory`: nothing for most memories).
 
         The prompt and the generated tokens are one segment that no step ends (`segment_continues` /
@@ -415,14 +471,15 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         if document_starts is not None:
             document_starts = F.pad(document_starts.bool(), (0, input_ids.shape[1] - document_starts.shape[1]))
         segment: dict[str, bool] = {}
-        if carries and use_cache:
+        kv_cached = use_cache and not carries and self.model.supports_kv_cache
+        if (carries or kv_cached) and use_cache:
             if memory is not None:  # the sequence so far: the memory has absorbed its first num_tokens
                 seen = memory.num_tokens
                 input_ids = input_ids[:, seen:]
                 attention_mask = None if attention_mask is None else attention_mask[:, seen:]
                 document_starts = None if document_starts is None else document_starts[:, seen:]
             # a memory passed to generate (one it returned) continues its text: its segment goes on
-            segment = {"segment_continues": True, "segment_ends": False}
+            segment = {"segment_continues": True, "segment_ends": False} if carries else {"use_cache": True}
         elif not carries:
             memory = self.model.memory.generation_memory(memory, input_ids.shape[0])
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "memory": memory, **segment}

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import longlm  # noqa: F401  (registers the Auto classes)
 from tests.remote_code_check import run_remote
+from longlm.attention.kv_cache import KVCacheState
 from longlm import LongLMConfig, LongLMForCausalLM, LongLMModel
 from longlm.layers.block import LongLMBlock
 
@@ -178,14 +179,12 @@ def test_greedy_generate_equals_manual_loop(tiny_config, preset, overrides):
     assert generated.tolist() == expected.tolist()
     assert len(calls) == 8
     lengths = [length for length, _ in calls]
-    if config.memory == "xl":
-        # the memory is the cache: after the prompt, each step feeds one token plus the memory
-        assert lengths == [5] + [1] * 7
-        assert calls[0][1] is None
-        assert all(memory is not None and memory.num_tokens == 5 + step for step, (_, memory) in enumerate(calls[1:]))
-    else:
-        assert lengths == list(range(5, 13))
-        assert all(memory is None for _, memory in calls)
+    # xl: the memory is the cache; full: a key/value cache. After the prompt each step feeds one token
+    assert lengths == [5] + [1] * 7
+    assert calls[0][1] is None
+    assert all(memory is not None and memory.num_tokens == 5 + step for step, (_, memory) in enumerate(calls[1:]))
+    if config.memory != "xl":
+        assert all(isinstance(memory, KVCacheState) for _, memory in calls[1:])
 
 
 def test_generate_with_xl_and_mem_len_zero_feeds_whole_sequence(tiny_config):

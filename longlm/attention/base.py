@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from longlm.attention.kv_cache import CacheSlot
     from longlm.configuration_longlm import LongLMConfig
 
 
@@ -28,6 +29,9 @@ class MixerInputs:
     at every start, so it never decreases along a row. A query may attend a key only when both carry the
     same number (block-diagonal by document); every mixer must honour it. None when no document starts
     inside the segment (then every key is in the query's document).
+    `cache` is this layer's `longlm.attention.kv_cache.CacheSlot` during a cached `generate()` (only for
+    mixers that declare `supports_kv_cache`): with `cache.past` set, the mixer attends [cached; new] keys
+    by `cache.mask(...)` instead of the fields above, and in every cached call it writes its keys back.
     """
 
     memory: torch.Tensor | None
@@ -37,6 +41,7 @@ class MixerInputs:
     global_mask: torch.Tensor | None = None
     document_starts: torch.Tensor | None = None
     documents: torch.Tensor | None = None
+    cache: "CacheSlot | None" = None
 
     @property
     def memory_length(self) -> int:
@@ -54,6 +59,8 @@ class TokenMixer(nn.Module):
     supports_attention_bias: bool = False
     # reads `inputs.global_mask`: question answering then puts the question tokens there automatically
     has_global_tokens: bool = False
+    # attends its pattern from cached keys/values in generate() (`MixerInputs.cache`, `kv_cache.py`)
+    supports_kv_cache: bool = False
 
     def __init__(self, config: "LongLMConfig", layer_idx: int) -> None:
         super().__init__()

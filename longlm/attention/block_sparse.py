@@ -46,6 +46,7 @@ from torch import nn
 
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.kernels import attend
+from longlm.attention.kv_cache import cached_step_attention
 from longlm.attention.masks import segment_attention_mask
 from longlm.attention.registry import MIXERS
 from longlm.layers.positions import apply_rotary, rotary_cos_sin
@@ -446,6 +447,7 @@ class BlockSparseAttention(TokenMixer):
     """
 
     supports_attention_bias = True
+    supports_kv_cache = True  # causal: a full cache, each new query masked to its blocks (`_in_pattern`)
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -512,6 +514,8 @@ class BlockSparseAttention(TokenMixer):
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if inputs.memory is not None:
             raise ValueError("The block_sparse mixer takes no memory; use memory='none' (or one without states).")
+        if inputs.cache is not None and inputs.cache.past is not None:
+            return self._cached_step(hidden, inputs)
         length = hidden.shape[1]
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
@@ -540,4 +544,23 @@ class BlockSparseAttention(TokenMixer):
                 out = flex_block_sparse_attention(q, k, v, **common)
             else:
                 out = block_sparse_attention(q, k, v, dropout=dropout, **common)
+        if inputs.cache is not None:  # the prompt of a cached generate(): keep its keys for the next steps
+            inputs.cache.write(k, v)
+        return self.o_proj(self.merge_heads(out))
+
+    def _in_pattern(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """The causal block pattern of the module docstring for every head, (B, H, L, K): key block 0, the own
+        and the previous block, and the query block's random blocks R_h(i)."""
+        query_block, key_block = query_pos // self.block_size, key_pos // self.block_size  # (B, L, 1), (B, 1, K)
+        plan = self.random_plan(int(query_block.max()) + 1, True, query_pos.device)  # (H, n, r)
+        rows = plan[:, query_block[..., 0]].permute(1, 0, 2, 3)  # (B, H, L, r)
+        chosen = (rows[..., None, :] == key_block[:, None, :, :, None]).any(dim=-1)  # (B, H, L, K)
+        return ((key_block == 0) | (query_block - key_block <= 1))[:, None] | chosen
+
+    def _cached_step(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        """New tokens after every cached key, each attending only its block pattern: O(cached keys) per token."""
+        q = self.split_heads(self.q_proj(hidden))
+        k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
+        theta = self.config.rope_theta if self.rotary else None
+        out = cached_step_attention(q, k, v, inputs.cache, pattern=self._in_pattern, scale=self.scale, rope_theta=theta)
         return self.o_proj(self.merge_heads(out))

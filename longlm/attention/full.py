@@ -8,6 +8,7 @@ from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.kernels import attend
 from longlm.attention.masks import segment_attention_mask
 from longlm.attention.registry import MIXERS
+from longlm.attention.kv_cache import cached_step_attention, every_earlier_key
 from longlm.layers.positions import apply_rotary, rotary_cos_sin
 
 
@@ -20,6 +21,7 @@ class FullAttention(TokenMixer):
     """
 
     supports_attention_bias = True
+    supports_kv_cache = True
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -29,6 +31,8 @@ class FullAttention(TokenMixer):
         self.rotary = config.position_embedding_type == "rotary"
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        if inputs.cache is not None and inputs.cache.past is not None:
+            return self._cached_step(hidden, inputs)
         memory_length = inputs.memory_length
         q = self.split_heads(self.q_proj(hidden))
         kv = self.project_with_memory(self.kv_proj, hidden, inputs.memory)
@@ -54,4 +58,14 @@ class FullAttention(TokenMixer):
         )
         dropout = self.config.attention_dropout if self.training else 0.0
         out = attend(q, k, v, mask=mask, causal=inputs.causal, dropout=dropout, scale=self.scale)
+        if inputs.cache is not None:  # the prompt of a cached generate(): keep its keys for the next steps
+            inputs.cache.write(k, v)
+        return self.o_proj(self.merge_heads(out))
+
+    def _cached_step(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        """New tokens after cached keys/values: O(cached keys) per token."""
+        q = self.split_heads(self.q_proj(hidden))
+        k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
+        theta = self.config.rope_theta if self.rotary else None
+        out = cached_step_attention(q, k, v, inputs.cache, pattern=every_earlier_key, scale=self.scale, rope_theta=theta)
         return self.o_proj(self.merge_heads(out))

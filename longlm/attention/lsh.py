@@ -45,13 +45,16 @@ plain autograd ops (other devices, attention dropout). Memory is linear in the l
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.registry import MIXERS
-from longlm.layers.positions import apply_rotary, rotary_cos_sin
+from longlm.attention.sorting import ranks_in_order, ranks_in_sorted_groups
+from longlm.layers.positions import apply_rotary, rotary_cos_sin, rotate_at
 from longlm.layers.recompute import is_recomputing
 
 NORM_EPS = 1e-6
@@ -79,6 +82,7 @@ class LSHAttention(TokenMixer):
     """
 
     fused: bool = True
+    supports_kv_cache = True  # causal: every cached key with its buckets and ranks (`_cached_step`)
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -146,6 +150,8 @@ class LSHAttention(TokenMixer):
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if inputs.memory is not None:
             raise ValueError("The lsh mixer attends within the segment only; it cannot take memory (set mem_len=0).")
+        if inputs.cache is not None and inputs.cache.past is not None:
+            return self._cached_step(hidden, inputs)
         batch, length, _ = hidden.shape
         heads, head_dim, c = self.num_heads, self.head_dim, self.chunk_length
         x = self.split_heads(self.qk_proj(hidden))
@@ -155,6 +161,7 @@ class LSHAttention(TokenMixer):
             x = apply_rotary(x, cos, sin)
         padded = -(-length // c) * c
         buckets, sentinel = self.buckets(x), self.num_buckets
+        hashed = buckets
         documents = None if inputs.documents is None else inputs.documents[:, -length:]
         if documents is not None:
             buckets, sentinel = document_major(buckets, documents, self.num_buckets)
@@ -184,6 +191,35 @@ class LSHAttention(TokenMixer):
         else:
             out = chunk_attention(packed, bias, plan, dropout)
         out = out.view(batch, heads, padded, head_dim)[:, :, :length].to(hidden.dtype)  # the chunk kernels may work in fp32
+        if inputs.cache is not None:  # the prompt of a cached generate(): keys, buckets and causal ranks
+            ranks = ranks_in_order(plan.sorted_buckets, plan.order)
+            ranks = ranks.view(batch, heads, self.num_hashes, padded)[..., :length]
+            inputs.cache.write(keys[:, :, :length], v[:, :, :length], extras=(hashed, ranks))
+        return self.o_proj(self.merge_heads(out))
+
+    def _cached_step(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        """New tokens after every cached key: the causal rule of the module docstring evaluated directly on the
+        cached buckets and ranks (a query's rank = its earlier same-bucket keys), rounds combined by counting
+        how many rounds show each key. O(cached keys) per token."""
+        slot, c = inputs.cache, self.chunk_length
+        x = self.split_heads(self.qk_proj(hidden))
+        v = self.split_heads(self.v_proj(hidden))
+        if self.rotary:
+            x = rotate_at(x, slot.positions, self.config.rope_theta)
+        keys, values = slot.keys_values(x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + NORM_EPS) * self.head_dim**-0.5, v)
+        buckets = self.hash(x)  # (B, H, R, L)
+        all_buckets = slot.extras_with((buckets,))[0]  # (B, H, R, T + L)
+        candidates = (buckets[..., None] == all_buckets[..., None, :]) & slot.earlier_keys()[:, None, None]
+        ranks = candidates.sum(dim=-1)  # (B, H, R, L)
+        all_ranks = torch.cat([slot.past.extras[1], ranks], dim=-1)
+        visible = candidates & (all_ranks[..., None, :] >= (ranks // c * c - c)[..., None])
+        rounds_shown = visible.sum(dim=2)  # (B, H, L, T + L)
+        logits = torch.matmul(x, keys.transpose(-1, -2)).float() + rounds_shown.float().log()
+        own = torch.arange(x.shape[2], device=x.device) + slot.past.keys.shape[2]
+        own_logit = self_score(x.dtype) + math.log(self.num_hashes)
+        logits[..., torch.arange(x.shape[2], device=x.device), own] = own_logit
+        out = torch.matmul(torch.softmax(logits, dim=-1).to(values.dtype), values)
+        slot.write(keys, values, extras=(all_buckets, all_ranks))
         return self.o_proj(self.merge_heads(out))
 
 
@@ -281,10 +317,7 @@ def causal_bias(sorted_buckets, self_bias, sentinel: int, c: int) -> torch.Tenso
     """
     rows, rounds, padded = sorted_buckets.shape
     chunks, device = rounds * padded // c, sorted_buckets.device
-    slots = torch.arange(padded, device=device)
-    starts = torch.ones_like(sorted_buckets, dtype=torch.bool)
-    starts[..., 1:] = sorted_buckets[..., 1:] != sorted_buckets[..., :-1]
-    rank = slots - torch.cummax(torch.where(starts, slots, 0), dim=-1).values
+    rank = ranks_in_sorted_groups(sorted_buckets)
     visible = torch.minimum(rank, rank % c + c).masked_fill_(sorted_buckets == sentinel, 0)  # invalid: none
     # slot distance from query i (window slot 2c + i) to window slot j; never visible where it is < 1
     distance = (2 * c + torch.arange(c, device=device))[:, None] - torch.arange(3 * c, device=device)

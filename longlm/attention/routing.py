@@ -54,9 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.kernels import attend
 from longlm.attention.registry import MIXERS
+from longlm.attention.sorting import ranks_in_order
 from longlm.attention.windowed import check_window, is_int, layer_window, windowed_attention
-from longlm.layers.positions import apply_rotary, rotary_cos_sin
+from longlm.layers.positions import apply_rotary, rotary_cos_sin, rotate_at
 from longlm.layers.recompute import is_recomputing
 
 _MAX_BLOCK = 64  # largest query block of the band (see `_grouped_band`)
@@ -286,6 +288,8 @@ class RoutingAttention(TokenMixer):
     the values of all heads; `o_proj`. Buffer: `centroids` (R, C, Dh), unit rows.
     """
 
+    supports_kv_cache = True  # causal: every cached key with its cluster and rank (`_cached_step`)
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.num_routing_heads = config.num_routing_heads
@@ -328,6 +332,10 @@ class RoutingAttention(TokenMixer):
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if inputs.memory is not None:
             raise ValueError("The routing mixer attends within the segment only; it got memory (set mem_len=0).")
+        if inputs.cache is not None and not inputs.causal:
+            raise ValueError("A key/value cache needs the causal routing pattern; expected is_decoder=True.")
+        if inputs.cache is not None and inputs.cache.past is not None:
+            return self._cached_step(hidden, inputs)
         routing = self.num_routing_heads
         key_mask = inputs.key_mask
         update = self.training and not is_recomputing()
@@ -353,7 +361,46 @@ class RoutingAttention(TokenMixer):
         outs = [routing_attention(shared, v[:, :routing], unit, centroids, **kwargs)]
         if local_k is not None:
             outs.append(windowed_attention(local_q, local_k, v[:, routing:], **kwargs))
+        if inputs.cache is not None:  # the prompt of a cached generate(): keys, clusters and ranks
+            with torch.no_grad():
+                slots, groups = causal_slots(unit, centroids, key_mask, inputs.documents)
+                clusters, ranks = nearest_centroid(unit, centroids), ranks_in_order(groups, slots)
+            keys = shared if local_k is None else torch.cat([shared, local_k], dim=1)
+            inputs.cache.write(keys, v, extras=(clusters, ranks))
         if update:
             self.centroids.copy_(kmeans_step(self.centroids, unit, key_mask, self.decay))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.o_proj(self.merge_heads(out))
+
+    def _cached_step(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        """New tokens after every cached key: each routing head's causal rule of the module docstring (same
+        cluster, rank within `one_sided`) and each local head's window, evaluated on the cached clusters and
+        ranks. O(cached keys) per token (a cluster's predecessors may lie anywhere before)."""
+        slot, routing = inputs.cache, self.num_routing_heads
+        q = self.split_heads(self.q_proj(hidden))
+        v = self.split_heads(self.v_proj(hidden))
+        unit = F.normalize(q[:, :routing], dim=-1)
+        shared, local_q = unit * math.sqrt(self.head_dim), q[:, routing:]
+        local_k = self._heads(self.k_proj(hidden), self.num_local_heads) if self.k_proj is not None else None
+        if self.rotary:
+            theta = self.config.rope_theta
+            shared, local_q = rotate_at(shared, slot.positions, theta), rotate_at(local_q, slot.positions, theta)
+            local_k = None if local_k is None else rotate_at(local_k, slot.positions, theta)
+        clusters = nearest_centroid(unit, self.centroids)  # (B, R, L)
+        all_clusters = slot.extras_with((clusters,))[0]
+        same = (clusters[..., None] == all_clusters[..., None, :]) & slot.earlier_keys()[:, None]  # (B, R, L, K)
+        ranks = same.sum(dim=-1)
+        all_ranks = torch.cat([slot.past.extras[1], ranks], dim=-1)
+        routed = same & (ranks[..., None] - all_ranks[..., None, :] <= self.one_sided)
+
+        def pattern(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+            local = (query_pos - key_pos <= self.one_sided)[:, None].expand(-1, self.num_local_heads, -1, -1)
+            return torch.cat([routed, local], dim=1)
+
+        queries = torch.cat([shared, local_q], dim=1)
+        new_keys = shared if local_k is None else torch.cat([shared, local_k], dim=1)
+        keys, values = slot.keys_values(new_keys, v)
+        mask = slot.mask(pattern)
+        slot.write(keys, values, extras=(all_clusters, all_ranks))
+        out = attend(queries, keys, values, mask=mask, causal=False, scale=self.scale)
         return self.o_proj(self.merge_heads(out))

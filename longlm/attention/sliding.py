@@ -25,6 +25,7 @@ from torch import nn
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.documents import same_document
 from longlm.attention.kernels import attend
+from longlm.attention.kv_cache import cached_step_attention
 from longlm.attention.registry import MIXERS
 from longlm.attention.windowed import check_window, is_int, layer_window, windowed_attention
 from longlm.layers.positions import apply_rotary, rotary_cos_sin
@@ -81,6 +82,7 @@ class SlidingWindowAttention(TokenMixer):
 
     supports_attention_bias = True
     has_global_tokens = True
+    supports_kv_cache = True  # causal and without global tokens: a rolling cache of the window (`_cached_step`)
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -105,6 +107,13 @@ class SlidingWindowAttention(TokenMixer):
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if inputs.memory is not None:
             raise ValueError("The 'sliding' mixer takes no memory; use memory='none'.")
+        if inputs.cache is not None and (inputs.global_mask is not None or not inputs.causal):
+            raise ValueError(
+                "A cached generate() with the 'sliding' mixer takes no global_attention_mask (a global token would "
+                "need every earlier key); expected generation without global tokens, or use_cache=False."
+            )
+        if inputs.cache is not None and inputs.cache.past is not None:
+            return self._cached_step(hidden, inputs)
         length = hidden.shape[1]
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
@@ -120,6 +129,8 @@ class SlidingWindowAttention(TokenMixer):
         )
         if inputs.global_mask is None:
             out = windowed_attention(q, k, v, key_mask=inputs.key_mask, **common)
+            if inputs.cache is not None:  # the prompt of a cached generate(): keep the window's keys
+                inputs.cache.write(k, v, span=self._cache_span)
             return self.o_proj(self.merge_heads(out))
 
         is_global = inputs.global_mask.bool()
@@ -140,6 +151,31 @@ class SlidingWindowAttention(TokenMixer):
         global_out = self._global_rows(hidden, positions, valid, inputs.causal, cos, sin, dropout, documents)
         batch_idx, slot_idx = slot_valid.nonzero(as_tuple=True)
         return self.o_proj(out.index_put((batch_idx, positions[batch_idx, slot_idx]), global_out[batch_idx, slot_idx]))
+
+    @property
+    def _cache_span(self) -> int:
+        """Keys a causal query can still reach: itself and `one_sided * dilation` earlier positions."""
+        largest = self.dilation if is_int(self.dilation) else max(self.dilation)
+        return self.one_sided * largest + 1
+
+    def _in_window(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """The band of the module docstring for every head: (B, H, L, K) or (B, L, K) for one dilation."""
+        distance = query_pos - key_pos
+        if is_int(self.dilation):
+            return (distance <= self.one_sided * self.dilation) & (distance % self.dilation == 0)
+        dilation = torch.tensor(self.dilation, device=distance.device)[None, :, None, None]
+        distance = distance[:, None]
+        return (distance <= self.one_sided * dilation) & (distance % dilation == 0)
+
+    def _cached_step(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        """New tokens after the rolling cache of the last `_cache_span` positions: O(window) per token."""
+        q = self.split_heads(self.q_proj(hidden))
+        k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
+        theta = self.config.rope_theta if self.rotary else None
+        out = cached_step_attention(
+            q, k, v, inputs.cache, pattern=self._in_window, scale=self.scale, rope_theta=theta, span=self._cache_span
+        )
+        return self.o_proj(self.merge_heads(out))
 
     def _global_rows(self, hidden, positions, valid, causal: bool, cos, sin, dropout: float, documents=None) -> torch.Tensor:
         """Outputs of the global tokens (B, G, inner): global projections, every valid (earlier) key of their

@@ -24,3 +24,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+
+
+def rotate_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of (B, H, L, Dh) at per-row positions (B, L) (a cached step: rows may sit at different
+    positions, e.g. after left padding)."""
+    batch, length = positions.shape
+    cos, sin = rotary_cos_sin(positions.reshape(-1), x.shape[-1], theta)
+    return apply_rotary(x, cos.view(batch, 1, length, -1), sin.view(batch, 1, length, -1))

@@ -91,10 +91,13 @@ class SegmentMemory(nn.Module):
     3. after the last layer, `update` (the next state) and, in training, `auxiliary_losses`.
     `carries_context` says whether a forward over only the new tokens plus the state equals a forward
     over the whole sequence so far (true for `xl` within `mem_len`); `generate()` uses it to decide what
-    to feed.
+    to feed, and `allows_kv_cache` whether it may cache the mixers' keys/values instead.
     """
 
     carries_context: bool = False
+    # generate() may cache the mixers' keys/values (`longlm.attention.kv_cache`) when the memory adds no
+    # state of its own that each step would have to read
+    allows_kv_cache: bool = False
 
     def __init__(self, config: "LongLMConfig") -> None:
         super().__init__()

@@ -6,3 +6,4 @@ from longlm.memory.registry import MEMORIES
 @MEMORIES.register("none")
 class NoMemory(SegmentMemory):
     carries_context = False
+    allows_kv_cache = True
