@@ -288,3 +288,89 @@ def test_generate_after_a_memory_equals_one_forward_after_that_memory(name):
         generated = sequences[:, earlier.shape[1]:]
         forward = model(generated[:, :-1], memory=memory).logits[:, prompt.shape[1] - 1:]
     torch.testing.assert_close(logits, forward, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# save / load, batching, left padding, training (ModelTesterMixin / GenerationTesterMixin's checks)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_save_and_auto_from_pretrained_give_the_same_model(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _model(name)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    fields = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert type(loaded) is LongLMForCausalLM and fields(loaded) == fields(model)
+    first, second = _ids(2, 16, seed=6), _ids(2, 16, seed=7)
+    with torch.no_grad():
+        ours, theirs = model(first), loaded(first)
+        torch.testing.assert_close(theirs.logits, ours.logits, rtol=0, atol=0)
+        after = lambda m, out: m(second, memory=out.memory).logits  # noqa: E731  the memory it writes, too
+        torch.testing.assert_close(after(loaded, theirs), after(model, ours), rtol=0, atol=0)
+        options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert loaded.generate(first, **options).tolist() == model.generate(first, **options).tolist()
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_batching_equivalence(name):
+    """Rows of a batch never see each other: each row of a batch of 3 gets what it gets alone, in this segment
+    and in the next one (the memory it wrote)."""
+    model = _model(name)
+    first, second = _ids(3, 16, seed=8), _ids(3, 16, seed=9)
+    with torch.no_grad():
+        batched = model(first)
+        batched_next = model(second, memory=batched.memory).logits
+        for row in range(3):
+            alone = model(first[row : row + 1])
+            torch.testing.assert_close(batched.logits[row], alone.logits[0], rtol=0, atol=1e-5)
+            alone_next = model(second[row : row + 1], memory=alone.memory).logits
+            torch.testing.assert_close(batched_next[row], alone_next[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_left_padding_compatibility_in_generate(name):
+    """A left-padded prompt row generates, step by step, what the row alone generates (the presets that
+    cannot pad exactly refuse in one sentence instead)."""
+    from tests.sentences import assert_one_sentence
+
+    model = _model(name)
+    prompt = _ids(2, 9, seed=10)
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    padded_prompt = prompt.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        if name == "compressive":
+            with pytest.raises(ValueError) as info:
+                _step_logits(model, padded_prompt, 6, attention_mask=mask)
+            assert "padding" in str(info.value)
+            assert_one_sentence(str(info.value))
+            return
+        sequences, logits = _step_logits(model, padded_prompt, 6, attention_mask=mask)
+        alone_sequences, alone_logits = _step_logits(model, prompt[:1, 4:], 6)
+    assert sequences[0, 9:].tolist() == alone_sequences[0, 5:].tolist()
+    torch.testing.assert_close(logits[0], alone_logits[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_training_gives_every_parameter_a_finite_gradient_and_lowers_the_loss(name):
+    """A segment after a memory, with a global token: every parameter takes part (the kNN gate once the store
+    holds something, Longformer's global projections once a token is global)."""
+    model = _model(name).train()
+    earlier, ids = _ids(2, 32, seed=12), _ids(2, 32, seed=11)
+    global_mask = torch.zeros_like(ids)
+    global_mask[:, 0] = 1
+    with torch.no_grad():
+        memory = model(earlier).memory
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(3):
+        optimizer.zero_grad()
+        loss = model(ids, labels=ids, memory=memory, global_attention_mask=global_mask).loss
+        loss.backward()
+        if step == 0:
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+            assert not missing, f"{name}: no finite gradient for {missing}"
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], f"{name}: {losses}"
