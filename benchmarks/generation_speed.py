@@ -5,9 +5,9 @@
 
 Every model: 2 layers, d=128, 4 heads of 32, FFN 512, byte vocabulary 259 (ByT5 ids), batch 1, float32,
 eval mode. The prompt is real text: the first `prompt` bytes of ../shared/data/enwik8-sample. One cell =
-`generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False)` timed with N = 1 (the prefill and
-one step) and N = `--new-tokens` + 1; decode tokens/s = new tokens / (the difference of the two wall times),
-so the prompt's own forward is not counted. Each cell runs `--repeats` times; the median is reported.
+`generate(prompt, max_new_tokens=N + 1, min_new_tokens=N + 1, do_sample=False)` with N = `--new-tokens`; a
+logits processor stamps the time of every step, and decode tokens/s = N / (last stamp - first stamp), so the
+prompt's own forward (inside the first step) is not counted. Each cell runs `--repeats` times; the median is reported.
 
 Ours: `LongLMConfig.from_preset(<preset>, <size>)`, the preset's own mechanism settings (windows, blocks,
 buckets, memory lengths). What a step costs depends on how the preset generates
@@ -103,25 +103,32 @@ def prompt_ids(length: int) -> torch.Tensor:
     return torch.tensor([list(data)], dtype=torch.long) + 3  # ByT5 ids: bytes after pad/eos/unk
 
 
-def timed_generate(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-            pad_token_id=0,
-        )
-    seconds = time.perf_counter() - start
-    assert out.shape[1] == prompt.shape[1] + new, f"generated {out.shape[1] - prompt.shape[1]} tokens, not {new}"
-    return seconds
+class StepClock:
+    """A logits processor that only notes the time of every decoding step (HF calls it once per new token)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def decode_rate(model: torch.nn.Module, prompt: torch.Tensor, new: int, repeats: int) -> float:
-    """New tokens per second after the prefill (the two-run difference of the module docstring)."""
+    """New tokens per second after the first one (whose step includes the prompt's forward): the steps
+    between the first and the last timestamp of `StepClock`."""
+    from transformers import LogitsProcessorList
+
     rates = []
     for _ in range(repeats):
-        prefill = timed_generate(model, prompt, 1)
-        total = timed_generate(model, prompt, new + 1)
-        rates.append(new / max(total - prefill, 1e-9))
+        clock = StepClock()
+        with torch.no_grad():
+            out = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new + 1, min_new_tokens=new + 1,
+                do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
+            )
+        assert out.shape[1] == prompt.shape[1] + new + 1 and len(clock.times) == new + 1
+        rates.append(new / (clock.times[-1] - clock.times[0]))
     return statistics.median(rates)
 
 
@@ -154,6 +161,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=sorted(PRESETS.names()))
     parser.add_argument("--peers", nargs="*", default=list(PEERS), help="peer names (see PEERS); none to skip")
     parser.add_argument("--refeed-max-prompt", type=int, default=4096, help="longest prompt for presets that re-feed")
+    parser.add_argument("--peer-max-prompt", type=int, default=16384, help="longest prompt for hf-reformer/hf-bigbird")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
@@ -161,12 +169,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.json:
+        args.json.write_text("")
     builders = {name: (lambda length, name=name: ours(name, length)) for name in args.presets}
     builders.update({name: PEERS[name] for name in args.peers})
     rows = []
     for name, build in builders.items():
         for length in args.prompts:
             if name in REFEEDS and length > args.refeed_max_prompt:
+                continue
+            if name.startswith(("hf-reformer", "hf-bigbird")) and length > args.peer_max_prompt:
                 continue
             model = build(length + args.new_tokens + 8).eval()
             rate = decode_rate(model, prompt_ids(length), args.new_tokens, args.repeats)
@@ -175,13 +187,14 @@ def main() -> None:
                    "machine": f"{platform.machine()} cpu, torch {torch.__version__}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.json:
+                with args.json.open("a") as sink:
+                    sink.write(json.dumps(row) + "\n")
     print("\n| model | " + " | ".join(f"{p} prompt" for p in args.prompts) + " |")
     print("|---|" + "---|" * len(args.prompts))
     for name in builders:
         cells = {row["prompt"]: row["tokens_per_s"] for row in rows if row["model"] == name}
         print(f"| {name} | " + " | ".join(f"{cells[p]:.1f}" if p in cells else "—" for p in args.prompts) + " |")
-    if args.json:
-        args.json.write_text("".join(json.dumps(row) + "\n" for row in rows))
     if args.plot:
         plot(rows, args.plot)
 
