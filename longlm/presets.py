@@ -199,3 +199,19 @@ PRESETS.register("routing")(
         position_embedding_type="rotary",
     )
 )
+
+
+LAYER_LIST_FIELDS = ("knn_layers", "routing_layers")
+
+
+def shrunk_preset(name: str, size: dict[str, Any], mechanism: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Config fields of preset `name` at another size: `size` (layers, width, ...) always applies; a
+    `mechanism` value applies only where the preset sets that field (so `mem_len` shrinks a memory but gives
+    none to `full`); layer lists (`knn_layers`, `routing_layers`) move to the last layer. `overrides` last."""
+    preset = PRESETS.get(name)
+    fields: dict[str, Any] = dict(size)
+    fields.update({key: value for key, value in mechanism.items() if preset.get(key)})
+    layers = fields.get("num_hidden_layers", preset.get("num_hidden_layers"))
+    fields.update({key: [layers - 1] for key in LAYER_LIST_FIELDS if preset.get(key)})
+    fields.update(overrides)
+    return fields

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from longlm import LongLMConfig
-from longlm.presets import PRESETS
+from longlm.presets import PRESETS, shrunk_preset
 
 PRESET_NAMES = sorted(PRESETS.names())
 
@@ -31,14 +31,9 @@ SHRINK = dict(
     num_routing_heads=2,
     feed_forward_chunk_size=0,
 )
-LAYER_LISTS = ("knn_layers", "routing_layers")
 
 
 def tiny_preset_config(name: str, **overrides: Any) -> LongLMConfig:
     """`name`'s preset at test size; layer lists point at the last layer, dropout is off."""
-    preset = PRESETS.get(name)
-    fields: dict[str, Any] = dict(SIZE, hidden_dropout_prob=0.0, attention_dropout=0.0)
-    fields.update({key: value for key, value in SHRINK.items() if key in preset and preset[key]})
-    fields.update({key: [LAYERS - 1] for key in LAYER_LISTS if preset.get(key)})
-    fields.update(overrides)
+    fields = shrunk_preset(name, dict(SIZE, hidden_dropout_prob=0.0, attention_dropout=0.0), SHRINK, **overrides)
     return LongLMConfig.from_preset(name, **fields)

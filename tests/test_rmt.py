@@ -228,9 +228,9 @@ def test_gradient_reaches_segment_t_minus_k_plus_1_and_not_t_minus_k():
 
     module.model.model.embed_tokens.register_forward_hook(keep)
     segments = _segments(4)
-    _, memory = module._bptt_window(segments[:k], None)
+    _, memory = module.forward_segments(segments[:k], None)
     assert not memory.memory.requires_grad  # the memory carried to the next step is detached
-    outs, _ = module._bptt_window(segments[k:], memory)
+    outs, _ = module.forward_segments(segments[k:], memory)
     outs[-1].lm_loss.backward()  # the loss of segment t = 3 alone
     t = 3
     assert embeddings[t].grad.abs().sum() > 0
@@ -240,7 +240,7 @@ def test_gradient_reaches_segment_t_minus_k_plus_1_and_not_t_minus_k():
 
 def test_depth_one_keeps_no_graph_across_segments():
     module = CausalLMPretraining("rmt", config={**TINY, "num_memory_tokens": 4, "bptt_depth": 1}, vocab_size=259)
-    _, memory = module._bptt_window(_segments(1), None)
+    _, memory = module.forward_segments(_segments(1), None)
     assert not memory.memory.requires_grad
 
 

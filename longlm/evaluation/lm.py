@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,8 +56,15 @@ def evaluate_stream(
     clamp_len: int | None = None,
     same_length: bool | None = None,
     max_segments: int | None = None,
+    carry_memory: bool = True,
+    token_losses: bool = False,
 ) -> dict[str, Any]:
-    """Total NLL (nats) over the split's ordered segments; returns the totals and counts."""
+    """Total NLL (nats) over the split's ordered segments; returns the totals and counts.
+
+    `carry_memory=False` feeds every segment without memory (the context is the segment alone).
+    `token_losses=True` adds `token_nll` (nats per scored token) and `token_index` (the index in
+    `split.tokens` of the token each one predicts), for losses by position in a document.
+    """
     if tgt_len <= 0:
         raise ValueError(f"tgt_len must be a positive integer, got {tgt_len}.")
     if mem_len is not None and mem_len < 0:
@@ -76,18 +84,29 @@ def evaluate_stream(
     try:
         streams = SegmentStreams(split.tokens, batch_size, tgt_len, split.doc_starts, drop_last=False)
         total, count, memory = 0.0, 0, None
+        nll_parts, index_parts = [], []
         for index in range(len(streams) if max_segments is None else min(max_segments, len(streams))):
             batch = streams.segment(index)
-            memory = memory_for_segment(memory, batch)
+            memory = memory_for_segment(memory, batch) if carry_memory else None
             out = model(input_ids=batch["input_ids"].to(device), memory=memory, document_starts=batch["document_starts"].to(device))
             labels = batch["labels"].to(device)
-            total += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
+            nll = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            total += nll.sum().item()
             count += labels.numel()
             memory = out.memory
+            if token_losses:
+                rows, width = labels.shape
+                first = index * tgt_len + 1 + np.arange(rows)[:, None] * streams.stream_len
+                nll_parts.append(nll.cpu().numpy())
+                index_parts.append((first + np.arange(width)[None, :]).reshape(-1))
     finally:
         config.mem_len, config.clamp_len, config.same_length = saved
         model.train(was_training)
-    return {"nll": total, "tokens_scored": count, "tokens_total": int(len(split.tokens))}
+    result: dict[str, Any] = {"nll": total, "tokens_scored": count, "tokens_total": int(len(split.tokens))}
+    if token_losses:
+        result["token_nll"] = np.concatenate(nll_parts) if nll_parts else np.zeros(0, dtype=np.float32)
+        result["token_index"] = np.concatenate(index_parts) if index_parts else np.zeros(0, dtype=np.int64)
+    return result
 
 
 def lm_metrics(result: dict[str, Any], split: CorpusSplit, dataset: str) -> dict[str, float]:

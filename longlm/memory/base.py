@@ -98,6 +98,8 @@ class SegmentMemory(nn.Module):
     # generate() may cache the mixers' keys/values (`longlm.attention.kv_cache`) when the memory adds no
     # state of its own that each step would have to read
     allows_kv_cache: bool = False
+    # the number of states it keeps is `config.mem_len`, read at every step (so an evaluation may change it)
+    sized_by_mem_len: bool = False
 
     def __init__(self, config: "LongLMConfig") -> None:
         super().__init__()

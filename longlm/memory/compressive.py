@@ -232,11 +232,12 @@ class _Cut:
 # --------------------------------------------------------------------------------------------------
 @MEMORIES.register("compressive")
 class CompressiveMemory(SegmentMemory):
+    sized_by_mem_len = True
+
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.mem_len, self.cmem_len = config.mem_len, config.cmem_len
         self.rate = config.compression_rate or 1
-        if self.cmem_len > 0:
+        if config.cmem_len > 0:
             make = COMPRESSIONS.get(config.compression_fn)
             self.compress = nn.ModuleList(make(config.hidden_size, self.rate) for _ in range(config.num_hidden_layers))
         else:
@@ -268,6 +269,23 @@ class CompressiveMemory(SegmentMemory):
                 "same_length limits every query to its last mem_len keys, which would hide the compressed "
                 "memory; use same_length=False with cmem_len > 0."
             )
+
+    @property
+    def mem_len(self) -> int:
+        """Read from the config at every use, so an evaluation that sets a longer `mem_len` gets it."""
+        return self.config.mem_len
+
+    @property
+    def cmem_len(self) -> int:
+        """Read from the config at every use, like `mem_len`; a model built without compressed memory has no
+        compression weights, so it cannot be given one afterwards."""
+        cmem_len = self.config.cmem_len
+        if cmem_len > 0 and len(self.compress) == 0:
+            raise ValueError(
+                f"cmem_len={cmem_len} was set on a model built with cmem_len=0, which has no compression weights; "
+                "expected cmem_len=0 for this model."
+            )
+        return cmem_len
 
     @property
     def carries_context(self) -> bool:

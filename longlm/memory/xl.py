@@ -56,6 +56,8 @@ def _after_last_start(document_starts: torch.Tensor, slots: int) -> torch.Tensor
 
 @MEMORIES.register("xl")
 class XLMemory(SegmentMemory):
+    sized_by_mem_len = True
+
     @property
     def carries_context(self) -> bool:
         """Only a memory that keeps states (mem_len > 0) can stand in for the earlier tokens."""

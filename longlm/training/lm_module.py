@@ -90,7 +90,7 @@ class CausalLMPretraining(L.LightningModule):
         next_memory = out.memory.detach() if out.memory is not None and detach else out.memory
         return out, next_memory, inputs
 
-    def _bptt_window(self, segments: list[dict[str, Any]], memory: MemoryState | None):
+    def forward_segments(self, segments: list[dict[str, Any]], memory: MemoryState | None):
         """Consecutive segments of the same streams with the memory kept in the graph between them (so the
         loss of the last one reaches the first through the memory); the memory after the last is detached."""
         outs = []
@@ -118,7 +118,7 @@ class CausalLMPretraining(L.LightningModule):
             self.next_train_segment = batch["segment"] + 1
             self._log_losses("train", out.lm_loss, out.aux_losses, batch["labels"].numel())
             return out.loss
-        outs, self.train_memory = self._bptt_window(batch, self.train_memory)
+        outs, self.train_memory = self.forward_segments(batch, self.train_memory)
         self.next_train_segment = batch[-1]["segment"] + 1
 
         def mean(values) -> torch.Tensor:  # training segments all have tgt_len tokens, so this is the token mean

@@ -1,0 +1,143 @@
+"""The leaderboard: every decoder preset through the suite with the same data, tokens and seed, then one
+table, one JSONL and the pictures.
+
+Each preset runs in its own process (`scripts/long_range.py`), so its peak memory is its own and a crash
+stops only that preset; a preset whose `result.json` exists is not retrained (the run is resumable).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from longlm.evaluation.suite import finished_result
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "long_range.py"
+PLOTS = ("leaderboard-retrieval.png", "leaderboard-training.png", "leaderboard-context.png")
+
+
+def preset_command(preset: str, config: str, output: Path, device: str, budget_minutes: float, extra: Sequence[str]) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--config", config, "--preset", preset, "--output", str(output),
+            "--device", device, "--recipe.max_minutes", str(budget_minutes), *extra]
+
+
+def run_all(presets: Sequence[str], config: str, runs: Path, device: str, budget_minutes: float, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Each preset's result, training only those without one; progress bar over presets, the child's lines as they come."""
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(presets, desc="leaderboard", unit="preset")
+    for preset in bar:
+        bar.set_postfix_str(preset)
+        output = runs / preset
+        result = finished_result(output)
+        if result is None:
+            command = preset_command(preset, config, output, device, budget_minutes, extra)
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+                for line in child.stdout:
+                    if line.startswith("["):
+                        bar.write(line.rstrip())
+            if child.returncode != 0:
+                raise RuntimeError(f"Preset '{preset}' failed (exit {child.returncode}); rerun `{' '.join(command)}` to see why.")
+            result = finished_result(output)
+        else:
+            bar.write(f"[{preset}] finished before: {output / 'result.json'} (delete it to retrain)")
+        results.append(result)
+    return results
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown(results: Sequence[dict[str, Any]], header: str) -> str:
+    distances = [r["distance_segments"] for r in results[0]["retrieval"]]
+    lines = [header, "", "## Retrieval: exact match by distance (segments of %d tokens)" % results[0]["recipe"]["seg_len"], ""]
+    lines.append("| preset | " + " | ".join(f"{d:g}" for d in distances) + " | reach (≥0.9) | digit acc. @1 seg |")
+    lines.append("|---|" + "---|" * (len(distances) + 2))
+    for r in results:
+        cells = {row["distance_segments"]: row for row in r["retrieval"]}
+        one = cells.get(1) or cells.get(1.0)
+        lines.append(f"| {r['preset']} | " + " | ".join(_cell(cells[d]["exact_match"]) for d in distances)
+                     + f" | {r['reach_segments']:g} | {_cell(one['digit_accuracy'] if one else None)} |")
+    chance = results[0]["retrieval"][0]
+    lines.append(f"| chance | " + " | ".join(f"{chance['chance_exact_match']:.0e}" for _ in distances) + f" | — | {chance['chance_digit_accuracy']:.2f} |")
+    names = sorted({name for r in results for name in r["lm"]})
+    lines += ["", "## Language modelling and cost", ""]
+    lines.append("| preset | params | train tokens | minutes | stopped by | train tok/s | peak MiB | "
+                 + " | ".join(f"{n} bits/byte" for n in names) + (" | pg19 word ppl |" if "pg19" in names else " |"))
+    lines.append("|---|" + "---|" * (6 + len(names) + ("pg19" in names)))
+    for r in results:
+        t = r["training"]
+        lm = " | ".join(_cell(r["lm"][n]["bits_per_byte"], 3) if n in r["lm"] else "—" for n in names)
+        ppl = f" | {r['lm']['pg19']['word_perplexity']:.3g}" if "pg19" in r["lm"] else ""
+        lines.append(f"| {r['preset']} | {r['parameters']:,} | {t['tokens']:,} | {t['seconds'] / 60:.1f} | {t['stopped_by']} | "
+                     f"{t['tokens_per_s']:.0f} | {r['peak_memory_mib']:.0f} | {lm}{ppl} |")
+    context = [r for r in results if r.get("loss_by_context")]
+    if context:
+        mem_lens = [row["mem_len"] for row in context[0]["loss_by_context"]["by_mem_len"]]
+        lines += ["", "## Loss by evaluation memory (bits per byte, held-apart haystack)", ""]
+        lines.append("| preset | " + " | ".join(f"mem {m}" for m in mem_lens) + " |")
+        lines.append("|---|" + "---|" * len(mem_lens))
+        for r in context:
+            rows = {row["mem_len"]: row["bits_per_token"] for row in r["loss_by_context"]["by_mem_len"]}
+            lines.append(f"| {r['preset']} | " + " | ".join(_cell(rows.get(m), 3) for m in mem_lens) + " |")
+    lines += ["", *(f"![{name}]({name})" for name in PLOTS), ""]
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
+    """Accuracy vs distance, LM bits vs training tokens, loss vs evaluation memory (one line per preset)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [folder / name for name in PLOTS]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in results:
+        rows = r["retrieval"]
+        ax.plot([row["distance_segments"] for row in rows], [row["exact_match"] for row in rows], marker="o", label=r["preset"])
+    ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+    ax.set(xscale="log", xlabel="distance from fact to query (segments)", ylabel="exact match", ylim=(-0.03, 1.03),
+           title="Retrieval across segments (planted key in real text)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in results:
+        history = r["training"]["history"]
+        ax.plot([h["tokens"] for h in history], [h["lm_bits_per_token"] for h in history], label=r["preset"])
+    ax.set(xlabel="training tokens", ylabel="train LM bits per byte", title="Training curves (same data, tokens, seed)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in results:
+        if r.get("loss_by_context"):
+            rows = r["loss_by_context"]["by_mem_len"]
+            ax.plot([max(row["mem_len"], 1) for row in rows], [row["bits_per_token"] for row in rows], marker="o", label=r["preset"])
+    ax.set(xscale="log", xlabel="evaluation memory (tokens; 1 = none)", ylabel="held-apart bits per byte",
+           title="Loss by evaluation memory")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_results(results: Sequence[dict[str, Any]], folder: Path, header: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "leaderboard.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in results))
+    plot(results, folder)
+    (folder / "leaderboard.md").write_text(markdown(results, header))
+
+
+__all__ = ["run_all", "markdown", "plot", "write_results", "preset_command"]
