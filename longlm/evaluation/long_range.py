@@ -41,9 +41,10 @@ class RetrievalRecipe:
     num_facts / key_digits: facts planted per example (one queried) and digits per key.
     lm_fraction: share of training documents with nothing planted (plain LM on the haystack).
     answer_weight: weight of the answer digits' mean cross-entropy next to the LM loss.
-    batch_size, learning_rate, warmup_steps, weight_decay, max_steps, max_minutes: optimisation; training
-        stops at `max_steps` (the token budget: max_steps x bptt_depth x batch_size x seg_len) or after
-        `max_minutes`, whichever comes first (the result says which).
+    batch_size, learning_rate, warmup_steps, weight_decay, max_steps, max_minutes: optimisation. `max_steps`
+        counts segments per row, so the token budget is max_steps x batch_size x seg_len for every preset: a
+        BPTT step through k segments (RMT) is one optimizer step that consumes k of them. Training stops at
+        that budget or after `max_minutes`, whichever comes first (the result says which).
     eval_examples: examples per distance; seed: data and initialisation.
     """
 
@@ -75,10 +76,10 @@ class RetrievalRecipe:
         if self.max_minutes <= 0 or self.learning_rate <= 0 or self.answer_weight < 0:
             raise ValueError("RetrievalRecipe.max_minutes and learning_rate must be positive and answer_weight non-negative.")
 
-    def stage(self, step: int) -> int:
-        """How many of `train_distances` the curriculum draws from at `step` (1 .. all)."""
+    def stage(self, segment: int) -> int:
+        """How many of `train_distances` the curriculum draws from after `segment` segments (1 .. all)."""
         stages = len(self.train_distances)
-        return min(stages, 1 + step * stages // max(1, self.max_steps))
+        return min(stages, 1 + segment * stages // max(1, self.max_steps))
 
 
 def training_documents(recipe: RetrievalRecipe, haystack: Haystack, step_of: Callable[[], int]):
@@ -115,16 +116,17 @@ def train_retrieval(module, recipe: RetrievalRecipe, haystack: Haystack, log: Ca
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=recipe.learning_rate
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, recipe.warmup_steps, recipe.max_steps, 0.1))
-    step = 0
-    streams = PlantedStreams(training_documents(recipe, haystack, lambda: step), recipe.batch_size, recipe.seg_len, recipe.seed)
+    step = 0  # optimizer steps (of `depth` segments each)
     depth = module.segments_per_step
+    total_steps = max(1, recipe.max_steps // depth)
+    streams = PlantedStreams(training_documents(recipe, haystack, lambda: step * depth), recipe.batch_size, recipe.seg_len, recipe.seed)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, recipe.warmup_steps // depth, total_steps, 0.1))
     module.train()
     memory, history, start = None, [], time.perf_counter()
     lm_sum = answer_sum = 0.0
     answer_count = window = 0
     stopped_by = "max_steps"
-    while step < recipe.max_steps:
+    while step < total_steps:
         if time.perf_counter() - start > recipe.max_minutes * 60:
             stopped_by = "max_minutes"
             break
@@ -146,14 +148,14 @@ def train_retrieval(module, recipe: RetrievalRecipe, haystack: Haystack, log: Ca
         schedule.step()
         step += 1
         window += depth
-        if step % 50 == 0 or step == recipe.max_steps:
+        if step % 50 == 0 or step == total_steps:
             row = {
                 "step": step,
                 "tokens": step * depth * recipe.batch_size * recipe.seg_len,
                 "seconds": round(time.perf_counter() - start, 2),
                 "lm_bits_per_token": lm_sum / window / math.log(2),
                 "answer_loss": answer_sum / answer_count if answer_count else None,
-                "curriculum_stage": recipe.stage(step),
+                "curriculum_stage": recipe.stage(step * depth),
             }
             history.append(row)
             if log is not None:
