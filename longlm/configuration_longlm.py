@@ -115,7 +115,7 @@ CORE_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         name: (lambda v: isinstance(v, bool), "True or False")
         for name in (
             "pre_norm", "scale_embeddings", "same_length", "embedding_norm", "attention_bias", "reversible",
-            "is_decoder", "tie_word_embeddings", "use_cache",
+            "is_decoder", "tie_word_embeddings", "use_cache", "question_global_attention",
         )
     },
 }
@@ -309,6 +309,9 @@ class LongLMConfig(PretrainedConfig):
     # ends the question in `<s> question </s></s> context </s>`: question answering puts global attention on
     # the tokens before the first one (Longformer's convention) when the mixer has global tokens
     sep_token_id: int | None = None
+    # question answering with a mixer that has global tokens: True gives the question global attention
+    # (Longformer's fine-tuning recipe); False leaves every token to its window (the ablation of its paper)
+    question_global_attention: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         # Only keys that are not dataclass fields reach here: refuse those Hugging Face does not know either,

@@ -661,7 +661,8 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
     """Extractive QA: start/end logits per token (SQuAD v2's null answer is the first token, `<s>`).
 
     When a layer's mixer has global tokens (`sliding`, Longformer) and no `global_attention_mask` is given,
-    the question tokens get global attention (`question_global_mask`). Loads from any longlm folder,
+    the question tokens get global attention (`question_global_mask`), unless
+    `config.question_global_attention` is False (then no token is global: window-only attention). Loads from any longlm folder,
     a decoder's too: the backbone weights carry over, the span head starts fresh.
     """
 
@@ -690,7 +691,10 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
         **kwargs: Any,
     ) -> LongLMQuestionAnsweringOutput:
         if global_attention_mask is None and input_ids is not None and self.uses_global_tokens:
-            global_attention_mask = question_global_mask(input_ids, self.config.sep_token_id)
+            if self.config.question_global_attention:
+                global_attention_mask = question_global_mask(input_ids, self.config.sep_token_id)
+            else:
+                global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--evidence-dir", default=None, help="TriviaQA evidence folder (official format)")
     parser.add_argument("--max-length", type=int, default=4096, help="tokens per window")
     parser.add_argument("--stride", type=int, default=256, help="tokens shared by consecutive windows")
+    parser.add_argument("--truncate", action="store_true", help="read only the first window of each example")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--n-best", type=int, default=None, help="HF run_qa's candidate cut (default: every span)")
     parser.add_argument("--max-answer-length", type=int, default=30, help="tokens")
@@ -41,7 +42,7 @@ def main() -> None:
         examples = examples[: args.max_examples]
     result = evaluate_examples(
         model, tokenizer, examples, max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
-        n_best=args.n_best, max_answer_length=args.max_answer_length, null_threshold=args.null_threshold,
+        n_best=args.n_best, max_answer_length=args.max_answer_length, null_threshold=args.null_threshold, truncate=args.truncate,
     )
     if args.output_dir:
         out = Path(args.output_dir)
@@ -52,7 +53,7 @@ def main() -> None:
     for key, value in {**result["metrics"], **result["features"]}.items():
         print(f"{key:>28}: {value}")
     print(json.dumps({"model": str(args.model_dir), "data": str(args.data), "max_length": args.max_length,
-                      **result["metrics"], "features": result["features"]}))
+                      "truncate": args.truncate, **result["metrics"], "features": result["features"]}))
 
 
 if __name__ == "__main__":

@@ -148,18 +148,29 @@ TINY_OVERRIDES = [
 ]
 
 
+NEEDLE_OVERRIDES = [f"--needle-override={o}" for o in (
+    "--recipe.lengths=[256, 512]", "--recipe.train_lengths=[256]", "--recipe.train_examples=4", "--recipe.eval_examples=4",
+    "--recipe.tokenizer_vocab_size=300", "--recipe.max_steps=2", "--size.num_hidden_layers=1", "--size.hidden_size=32",
+    "--size.intermediate_size=64", "--size.num_attention_heads=2",
+    '--variants=[{"name": "full-512", "preset": "full", "max_length": 128, "truncate": true}]',
+)]
+
+
 def test_the_leaderboard_writes_tables_and_plots_and_does_not_retrain_a_finished_preset(tmp_path):
     presets = ["full", "transformer-xl"]
     common = ["scripts/leaderboard.py", "--budget-minutes", "1", "--presets", *presets, "--runs", str(tmp_path / "runs"),
-              "--results", str(tmp_path / "results"), "--data", ENWIK8]
+              "--results", str(tmp_path / "results"), "--data", ENWIK8, "--needle-variants", "full-512",
+              "--needle-runs", str(tmp_path / "needle"), *NEEDLE_OVERRIDES]
     first = run(*common, *TINY_OVERRIDES)
     assert first.returncode == 0, first.stderr[-3000:]
     table = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "| full |" in table and "| transformer-xl |" in table and "chance" in table
-    for png in ("leaderboard-retrieval.png", "leaderboard-training.png", "leaderboard-context.png"):
+    assert "## Needle QA (encoders)" in table and "| full-512 | 128 (truncated) |" in table
+    for png in ("leaderboard-retrieval.png", "leaderboard-training.png", "leaderboard-context.png", "leaderboard-needle.png"):
         assert (tmp_path / "results" / png).read_bytes().startswith(b"\x89PNG")
     rows = [json.loads(line) for line in (tmp_path / "results" / "leaderboard.jsonl").read_text().splitlines()]
-    assert [r["preset"] for r in rows] == presets and rows[0]["haystack"] == [ENWIK8]
+    assert [r["preset"] for r in rows[:2]] == presets and rows[0]["haystack"] == [ENWIK8]
+    assert [r["needle_qa"]["variant"]["name"] for r in rows[2:]] == ["full-512"]
     stamps = {p: (tmp_path / "runs" / p / "result.json").stat().st_mtime_ns for p in presets}
     (tmp_path / "runs" / "transformer-xl" / "result.json").unlink()
     second = run(*common, *TINY_OVERRIDES)

@@ -168,7 +168,7 @@ def test_a_haystack_that_is_missing_or_too_short_is_refused(tmp_path):
 
 
 def test_needle_qa_puts_the_answer_where_the_labels_say(haystack):
-    data = needle_qa_examples(haystack, num_examples=40, context_tokens=1024, seed=0, positions=[0.1, 0.5, 0.9])
+    data = needle_qa_examples(haystack, num_examples=40, context_bytes=1024, seed=0, positions=[0.1, 0.5, 0.9])
     qas = [(p["context"], p["qas"][0]) for p in data["data"][0]["paragraphs"]]
     answerable = [(c, q) for c, q in qas if not q["is_impossible"]]
     assert 0 < len(answerable) < len(qas)
@@ -183,3 +183,20 @@ def test_needle_qa_puts_the_answer_where_the_labels_say(haystack):
             assert context[: answer["answer_start"]].endswith(f"The key of {name} is ")
     positions = sorted({round(q["needle_position"], 1) for _, q in answerable})
     assert positions[0] <= 0.15 and positions[-1] >= 0.85
+
+
+def test_needle_qa_distractors_name_other_people_and_leave_the_answer_in_place(haystack):
+    data = needle_qa_examples(haystack, num_examples=30, context_bytes=2048, seed=3, num_distractors=3)
+    for paragraph in data["data"][0]["paragraphs"]:
+        context, qa = paragraph["context"], paragraph["qas"][0]
+        name = re.match(r"What is the key of (\w+)\?", qa["question"]).group(1)
+        facts = re.findall(r"The key of (\w+) is (\d{5})\. ", context)
+        assert len(facts) == 4 and len({n for n, _ in facts}) == 4
+        assert sum(n == name for n, _ in facts) == (0 if qa["is_impossible"] else 1)
+        if not qa["is_impossible"]:
+            answer = qa["answers"][0]
+            assert (name, answer["text"]) in facts
+            assert context[answer["answer_start"] : answer["answer_start"] + 5] == answer["text"]
+            assert context[: answer["answer_start"]].endswith(f"The key of {name} is ")
+    with pytest.raises(ValueError, match="num_distractors"):
+        needle_qa_examples(haystack, num_examples=1, context_bytes=1024, seed=0, num_distractors=len(NAMES))

@@ -277,37 +277,55 @@ def needle_qa_examples(
     haystack: Haystack,
     *,
     num_examples: int,
-    context_tokens: int,
+    context_bytes: int,
     seed: int,
     no_answer_fraction: float = 0.3,
     key_digits: int = 5,
+    num_distractors: int = 0,
     positions: Sequence[float] | None = None,
 ) -> dict:
-    """SQuAD v2 JSON (`{"version", "data": [{"title", "paragraphs": [...]}]}`) whose contexts are
-    `context_tokens` bytes of real text with the fact "The key of NAME is KEY." planted at a relative
-    position (from `positions`, cycled, else uniform); a `no_answer_fraction` of the questions ask for a
-    name whose fact is absent (another name's fact is planted instead, so a model must read the name).
-    Each question records its needle's relative position in `needle_position` (None when unanswerable)."""
+    """SQuAD v2 JSON (`{"version", "data": [{"title", "paragraphs": [...]}]}`) whose contexts are about
+    `context_bytes` bytes of real text with the fact "The key of NAME is KEY." planted at a relative position
+    (from `positions`, cycled, else uniform) and `num_distractors` other names' facts at uniform positions,
+    so that finding *a* fact is not enough: the model must match the question's name. A
+    `no_answer_fraction` of the questions ask for a name whose fact is absent (another name's fact stands
+    where it would have been). Each question records its needle's relative position in `needle_position`
+    (None when unanswerable)."""
+    if num_distractors < 0 or num_distractors + 2 > len(NAMES):
+        raise ValueError(f"needle_qa_examples: num_distractors must be in [0, {len(NAMES) - 2}], got {num_distractors!r}.")
     rng = np.random.default_rng(seed)
     paragraphs = []
     for index in range(num_examples):
-        asked, other = [NAMES[i] for i in rng.choice(len(NAMES), size=2, replace=False)]
+        asked, other, *distractors = [NAMES[i] for i in rng.choice(len(NAMES), size=2 + num_distractors, replace=False)]
         answerable = bool(rng.random() >= no_answer_fraction)
-        key = "".join(str(d) for d in rng.integers(0, 10, size=key_digits))
-        planted = FACT.format(name=asked if answerable else other, key=key)
-        text = to_text(haystack.sample(rng, context_tokens - len(planted))).replace("\ufffd", " ")
+        keys = ["".join(str(d) for d in rng.integers(0, 10, size=key_digits)) for _ in range(1 + num_distractors)]
         where = positions[index % len(positions)] if positions else float(rng.random())
-        cut = int(where * len(text))
-        cut = text.rfind(" ", 0, cut) + 1 if " " in text[:cut] else cut  # at a word start
-        context = text[:cut] + planted + text[cut:]
-        answer_start = cut + len(planted) - len(key) - len(". ")
-        assert context[answer_start : answer_start + len(key)] == key
+        facts = [(where, FACT.format(name=asked if answerable else other, key=keys[0]), True)]
+        facts += [(float(rng.random()), FACT.format(name=name, key=key), False) for name, key in zip(distractors, keys[1:])]
+        planted_bytes = sum(len(fact) for _, fact, _ in facts)
+        text = to_text(haystack.sample(rng, max(1, context_bytes - planted_bytes))).replace("\ufffd", " ")
+        cuts = []
+        for relative, fact, is_needle in facts:
+            cut = int(relative * len(text))
+            cut = text.rfind(" ", 0, cut) + 1 if " " in text[:cut] else cut  # at a word start
+            cuts.append((cut, is_needle, fact))
+        pieces, answer_start, needle_at, previous = [], None, None, 0
+        for cut, is_needle, fact in sorted(cuts, key=lambda c: (c[0], not c[1])):
+            pieces.append(text[previous:cut])
+            previous = cut
+            if is_needle:
+                needle_at = sum(len(piece) for piece in pieces)
+                answer_start = needle_at + len(fact) - len(keys[0]) - len(ANSWER_END)
+            pieces.append(fact)
+        pieces.append(text[previous:])
+        context = "".join(pieces)
+        assert context[answer_start : answer_start + key_digits] == keys[0]
         qa = {
             "id": f"needle-{seed}-{index}",
             "question": NEEDLE_QUESTION.format(name=asked),
-            "answers": [{"text": key, "answer_start": answer_start}] if answerable else [],
+            "answers": [{"text": keys[0], "answer_start": answer_start}] if answerable else [],
             "is_impossible": not answerable,
-            "needle_position": round(cut / max(len(context), 1), 4) if answerable else None,
+            "needle_position": round(needle_at / max(len(context), 1), 4) if answerable else None,
         }
         paragraphs.append({"context": context, "qas": [qa]})
     return {"version": "v2.0", "data": [{"title": "needle", "paragraphs": paragraphs}]}

@@ -362,10 +362,13 @@ def _label(offsets: np.ndarray, answers: list[dict]) -> tuple[int, int] | None:
     return None
 
 
-def featurize(examples: list[QAExample], tokenizer, max_length: int, stride: int = 128, training: bool = True) -> QAFeatures:
+def featurize(
+    examples: list[QAExample], tokenizer, max_length: int, stride: int = 128, training: bool = True, truncate: bool = False
+) -> QAFeatures:
     """Windows of question + context for every example (each keeps at least one), labelled with the answer's
     token span in windows that hold it whole and with 0 (<s>) elsewhere. `training=False` also keeps the
-    character offsets `postprocess` needs."""
+    character offsets `postprocess` needs. `truncate=True` keeps only each example's first window (a model
+    that reads the first `max_length` tokens and nothing more: BERT-style truncation)."""
     require_fast(tokenizer, "Question answering")
     if max_length <= 0 or stride < 0:
         raise ValueError(f"featurize needs max_length > 0 and stride >= 0, got max_length={max_length}, stride={stride}.")
@@ -377,11 +380,12 @@ def featurize(examples: list[QAExample], tokenizer, max_length: int, stride: int
         _check_room(chunk, questions, tokenizer, max_length, stride)
         encoded = tokenizer(
             questions, [example.context for example in chunk], truncation="only_second", max_length=max_length,
-            stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
+            stride=stride, return_overflowing_tokens=not truncate, return_offsets_mapping=True, padding=False,
         )
-        windows = np.bincount(encoded["overflow_to_sample_mapping"], minlength=len(chunk))
+        mapping = list(range(len(chunk))) if truncate else encoded["overflow_to_sample_mapping"]
+        windows = np.bincount(mapping, minlength=len(chunk))
         labelled = np.zeros(len(chunk), dtype=bool)
-        for row, local in enumerate(encoded["overflow_to_sample_mapping"]):
+        for row, local in enumerate(mapping):
             offsets = np.asarray(encoded["offset_mapping"][row], dtype=np.int64).reshape(-1, 2)
             offsets[[sequence != 1 for sequence in encoded.sequence_ids(row)]] = -1
             span = _label(offsets, chunk[local].answers)

@@ -16,7 +16,9 @@ from typing import Any, Sequence
 from longlm.evaluation.suite import finished_result
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "long_range.py"
+NEEDLE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "needle_qa.py"
 PLOTS = ("leaderboard-retrieval.png", "leaderboard-training.png", "leaderboard-context.png")
+NEEDLE_PLOT = "leaderboard-needle.png"
 
 
 def preset_command(preset: str, config: str, output: Path, device: str, budget_minutes: float, extra: Sequence[str]) -> list[str]:
@@ -89,55 +91,126 @@ def markdown(results: Sequence[dict[str, Any]], header: str) -> str:
     return "\n".join(lines)
 
 
-def plot(results: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
-    """Accuracy vs distance, LM bits vs training tokens, loss vs evaluation memory (one line per preset)."""
+def _save_figure(path: Path, draw) -> Path:
+    """One 7x4.2 in figure drawn by `draw(ax)`, saved as a PNG (the look every leaderboard picture shares)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [folder / name for name in PLOTS]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in results:
-        rows = r["retrieval"]
-        ax.plot([row["distance_segments"] for row in rows], [row["exact_match"] for row in rows], marker="o", label=r["preset"])
-    ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
-    ax.set(xscale="log", xlabel="distance from fact to query (segments)", ylabel="exact match", ylim=(-0.03, 1.03),
-           title="Retrieval across segments (planted key in real text)")
-    ax.legend(fontsize=7, ncol=2)
+    draw(ax)
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+
+def plot(results: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
+    """Accuracy vs distance, LM bits vs training tokens, loss vs evaluation memory (one line per preset)."""
+
+    def retrieval(ax) -> None:
+        for r in results:
+            rows = r["retrieval"]
+            ax.plot([row["distance_segments"] for row in rows], [row["exact_match"] for row in rows], marker="o", label=r["preset"])
+        ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+        ax.set(xscale="log", xlabel="distance from fact to query (segments)", ylabel="exact match", ylim=(-0.03, 1.03),
+               title="Retrieval across segments (planted key in real text)")
+        ax.legend(fontsize=7, ncol=2)
+
+    def training(ax) -> None:
+        for r in results:
+            history = r["training"]["history"]
+            ax.plot([h["tokens"] for h in history], [h["lm_bits_per_token"] for h in history], label=r["preset"])
+        ax.set(xlabel="training tokens", ylabel="train LM bits per byte", title="Training curves (same data, tokens, seed)")
+        ax.legend(fontsize=7, ncol=2)
+
+    def context(ax) -> None:
+        for r in results:
+            if r.get("loss_by_context"):
+                rows = r["loss_by_context"]["by_mem_len"]
+                ax.plot([max(row["mem_len"], 1) for row in rows], [row["bits_per_token"] for row in rows], marker="o", label=r["preset"])
+        ax.set(xscale="log", xlabel="evaluation memory (tokens; 1 = none)", ylabel="held-apart bits per byte",
+               title="Loss by evaluation memory")
+        ax.legend(fontsize=7)
+
+    return [_save_figure(folder / name, draw) for name, draw in zip(PLOTS, (retrieval, training, context))]
+
+
+def needle_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """The encoder table: EM/F1 by document length, then F1 of answerable questions by needle position."""
+    lengths = [s["length"] for s in results[0]["scores"]]
+    recipe = results[0]["recipe"]
+    lines = ["## Needle QA (encoders): EM / F1 by document length", "",
+             f"SQuAD v2 on held-apart PG-19 text; the needle and {recipe['num_distractors']} other names' facts planted, "
+             f"{recipe['no_answer_fraction']:.0%} of questions unanswerable; {recipe['eval_examples']} questions per length; "
+             "fine-tuned from a fresh initialisation through `scripts/finetune_qa.py`.", ""]
+    lines.append("| variant | window (tokens) | " + " | ".join(f"{n} tok EM / F1" for n in lengths)
+                 + " | steps | minutes | stopped by |")
+    lines.append("|---|---|" + "---|" * (len(lengths) + 3))
     for r in results:
-        history = r["training"]["history"]
-        ax.plot([h["tokens"] for h in history], [h["lm_bits_per_token"] for h in history], label=r["preset"])
-    ax.set(xlabel="training tokens", ylabel="train LM bits per byte", title="Training curves (same data, tokens, seed)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+        cells = " | ".join(f"{s['exact']:.1f} / {s['f1']:.1f}" for s in r["scores"])
+        reads = f"{r['window_tokens']:,}" + (" (truncated)" if r["variant"]["truncate"] else "")
+        lines.append(f"| {r['variant']['name']} | {reads} | {cells} | {r['train_steps']} | {r['train_seconds'] / 60:.1f} | {r['stopped_by']} |")
+    positions = [row["position"] for row in results[0]["scores"][-1]["by_position"]]
+    lines += ["", f"F1 of answerable questions by needle position (relative; {lengths[-1]}-token documents):", ""]
+    lines.append("| variant | " + " | ".join(f"{p:g}" for p in positions) + " |")
+    lines.append("|---|" + "---|" * len(positions))
     for r in results:
-        if r.get("loss_by_context"):
-            rows = r["loss_by_context"]["by_mem_len"]
-            ax.plot([max(row["mem_len"], 1) for row in rows], [row["bits_per_token"] for row in rows], marker="o", label=r["preset"])
-    ax.set(xscale="log", xlabel="evaluation memory (tokens; 1 = none)", ylabel="held-apart bits per byte",
-           title="Loss by evaluation memory")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
-    plt.close(fig)
-    return paths
+        rows = {row["position"]: row["f1"] for row in r["scores"][-1]["by_position"]}
+        lines.append(f"| {r['variant']['name']} | " + " | ".join(_cell(rows.get(p), 1) for p in positions) + " |")
+    lines += ["", f"![{NEEDLE_PLOT}]({NEEDLE_PLOT})", ""]
+    return "\n".join(lines)
 
 
-def write_results(results: Sequence[dict[str, Any]], folder: Path, header: str) -> None:
+def plot_needle(results: Sequence[dict[str, Any]], folder: Path) -> Path:
+    def draw(ax) -> None:
+        for r in results:
+            ax.plot([s["length"] for s in r["scores"]], [s["f1"] for s in r["scores"]], marker="o", label=r["variant"]["name"])
+        ax.axhline(90, color="grey", linestyle=":", linewidth=1)
+        ax.set(xscale="log", xlabel="document length (tokens)", ylabel="F1", ylim=(-3, 103),
+               title="Needle QA: F1 by document length")
+        ax.legend(fontsize=7)
+
+    return _save_figure(folder / NEEDLE_PLOT, draw)
+
+
+def write_results(results: Sequence[dict[str, Any]], folder: Path, header: str, needle: Sequence[dict[str, Any]] = ()) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "leaderboard.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in results))
+    rows = [*results, *({"needle_qa": r} for r in needle)]
+    (folder / "leaderboard.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
     plot(results, folder)
-    (folder / "leaderboard.md").write_text(markdown(results, header))
+    text = markdown(results, header)
+    if needle:
+        plot_needle(needle, folder)
+        text += "\n" + needle_markdown(needle)
+    (folder / "leaderboard.md").write_text(text)
 
 
-__all__ = ["run_all", "markdown", "plot", "write_results", "preset_command"]
+def run_needle_variants(names: Sequence[str], config: str, runs: Path, budget_minutes: float, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Each needle variant in its own `scripts/needle_qa.py` process (finished ones are skipped there)."""
+    from tqdm.auto import tqdm
+
+    from longlm.evaluation.needle_qa import finished_needle
+
+    results = []
+    bar = tqdm(names, desc="needle QA", unit="variant")
+    for name in bar:
+        bar.set_postfix_str(name)
+        if finished_needle(runs / name) is None:
+            command = [sys.executable, str(NEEDLE_SCRIPT), "--config", config, "--variant", name, "--runs", str(runs),
+                       "--recipe.max_minutes", str(budget_minutes), *extra]
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+                for line in child.stdout:
+                    if line.startswith("[") and "finetune_qa.py fit" not in line:
+                        bar.write(line.rstrip())
+            if child.returncode != 0:
+                raise RuntimeError(f"Needle variant '{name}' failed (exit {child.returncode}); rerun `{' '.join(command)}` to see why.")
+        else:
+            bar.write(f"[{name}] finished before: {runs / name / 'needle_result.json'} (delete it to retrain)")
+        results.append(finished_needle(runs / name))
+    return results
+
+
+__all__ = ["run_all", "markdown", "plot", "write_results", "preset_command", "needle_markdown", "plot_needle",
+           "run_needle_variants"]

@@ -88,9 +88,11 @@ def evaluate_examples(
     n_best: int | None = None,
     max_answer_length: int = 30,
     null_threshold: float = 0.0,
+    truncate: bool = False,
 ) -> dict[str, Any]:
-    """Predictions (official SQuAD format), null odds, metrics and feature statistics for `examples`."""
-    features = featurize(examples, tokenizer, max_length=max_length, stride=stride, training=False)
+    """Predictions (official SQuAD format), null odds, metrics and feature statistics for `examples`
+    (`truncate`: only each example's first window is read, see `featurize`)."""
+    features = featurize(examples, tokenizer, max_length=max_length, stride=stride, training=False, truncate=truncate)
     starts, ends = feature_logits(model, features, batch_size, tokenizer.pad_token_id)
     version_2 = any(example.is_impossible for example in examples)
     predictions, null_odds = postprocess(

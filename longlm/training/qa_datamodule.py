@@ -19,6 +19,8 @@ class QADataModule(L.LightningDataModule):
         format: "auto", "squad" or "triviaqa"; evidence_dir: TriviaQA's evidence folder (official format).
         max_length: tokens per window (question + context + specials): a document that fits is one window.
         stride: tokens shared by consecutive windows of a longer document.
+        truncate: keep only the first window of each example (training and validation), as a model limited to
+            `max_length` tokens reads a long document.
         batch_size / eval_batch_size: windows per step.
         max_train_examples / max_eval_examples: use only the first N examples (quick runs).
         tokenizer: set from the model (the fine-tuning module loads it with the weights).
@@ -32,6 +34,7 @@ class QADataModule(L.LightningDataModule):
         evidence_dir: str | None = None,
         max_length: int = 4096,
         stride: int = 256,
+        truncate: bool = False,
         batch_size: int = 1,
         eval_batch_size: int = 2,
         max_train_examples: int | None = None,
@@ -62,11 +65,11 @@ class QADataModule(L.LightningDataModule):
         hp = self.hparams
         if stage in (None, "fit") and self.train_features is None:
             self.train_examples = self._load(hp.train_file, hp.max_train_examples)
-            self.train_features = featurize(self.train_examples, tokenizer, hp.max_length, hp.stride, training=True)
+            self.train_features = featurize(self.train_examples, tokenizer, hp.max_length, hp.stride, training=True, truncate=hp.truncate)
             rank_zero_info(f"QA training features: {self.train_features.stats.as_dict()}")
         if stage in (None, "fit", "validate") and hp.validation_file and self.validation_features is None:
             self.validation_examples = self._load(hp.validation_file, hp.max_eval_examples)
-            self.validation_features = featurize(self.validation_examples, tokenizer, hp.max_length, hp.stride, training=False)
+            self.validation_features = featurize(self.validation_examples, tokenizer, hp.max_length, hp.stride, training=False, truncate=hp.truncate)
             rank_zero_info(f"QA validation features: {self.validation_features.stats.as_dict()}")
 
     def _collate(self):
