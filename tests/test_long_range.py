@@ -149,7 +149,7 @@ TINY_OVERRIDES = [
 
 
 NEEDLE_OVERRIDES = [f"--needle-override={o}" for o in (
-    "--recipe.lengths=[256, 512]", "--recipe.train_lengths=[256]", "--recipe.train_examples=4", "--recipe.eval_examples=4",
+    "--recipe.lengths=[256, 512]", "--recipe.train_lengths=[256]", "--recipe.train_mix=null", "--recipe.train_examples=4", "--recipe.eval_examples=4",
     "--recipe.tokenizer_vocab_size=300", "--recipe.max_steps=2", "--size.num_hidden_layers=1", "--size.hidden_size=32",
     "--size.intermediate_size=64", "--size.num_attention_heads=2",
     '--variants=[{"name": "full-512", "preset": "full", "max_length": 128, "truncate": true}]',
