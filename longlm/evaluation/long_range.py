@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from longlm.evaluation.recipe_fields import require_positive_ints
 from longlm.data.planted import Haystack, PlantedStreams, example_length, example_segments, plain_document, retrieval_example
 from longlm.data.streams import memory_for_segment
 from longlm.training.schedule import warmup_cosine
@@ -65,10 +66,7 @@ class RetrievalRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("seg_len", "num_facts", "key_digits", "batch_size", "max_steps", "eval_examples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"RetrievalRecipe.{name} must be a positive integer, got {value!r}.")
+        require_positive_ints(self, ("seg_len", "num_facts", "key_digits", "batch_size", "max_steps", "eval_examples"))
         if not 0.0 <= self.lm_fraction < 1.0:
             raise ValueError(f"RetrievalRecipe.lm_fraction must be in [0, 1), got {self.lm_fraction!r}.")
         if not self.train_distances or not self.eval_distances:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from longlm.data.encoder_tokens import with_encoder_tokens
+from longlm.evaluation.recipe_fields import parsed_dataclass, require_positive_ints
 from longlm.data.planted import Haystack, needle_qa_examples, to_text
 from longlm.data.qa import QAExample, load_qa_examples
 from longlm.evaluation.qa_metrics import exact_match, f1, normalize_answer
@@ -94,10 +95,7 @@ class NeedleRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("train_examples", "eval_examples", "tokenizer_vocab_size", "batch_size", "max_steps", "key_digits"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"NeedleRecipe.{name} must be a positive integer, got {value!r}.")
+        require_positive_ints(self, ("train_examples", "eval_examples", "tokenizer_vocab_size", "batch_size", "max_steps", "key_digits"))
         for name in ("lengths", "train_lengths"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 128 for v in values):
@@ -352,10 +350,7 @@ def needle_parser(description: str | None = None):
 
 
 def parse_needle(args: list[str]) -> tuple[Any, NeedleSuite]:
-    parser = needle_parser()
-    config = parser.parse_args(args)
-    init = parser.instantiate(config)
-    suite = NeedleSuite(**{name: getattr(init, name) for name in NeedleSuite.__dataclass_fields__})
+    config, suite = parsed_dataclass(needle_parser(), NeedleSuite, args)
     suite.variants = [v if isinstance(v, NeedleVariant) else NeedleVariant(**v) for v in suite.variants]
     return config, suite
 

@@ -21,6 +21,7 @@ import torch
 
 from longlm.data.planted import Haystack
 from longlm.evaluation.lm import evaluate_stream
+from longlm.evaluation.recipe_fields import parsed_dataclass
 from longlm.evaluation.long_range import RetrievalRecipe, reach_in_segments, retrieval_accuracy, train_retrieval
 from longlm.evaluation.loss_by_context import MEM_LENS, loss_by_context, split_prefix
 from longlm.presets import PRESETS, shrunk_preset
@@ -67,10 +68,7 @@ def suite_parser(description: str | None = None):
 
 def parse_suite(args: list[str]) -> tuple[Any, SuiteConfig]:
     """(the parsed namespace, its `SuiteConfig`) from command-line style arguments."""
-    parser = suite_parser()
-    config = parser.parse_args(args)
-    init = parser.instantiate(config)
-    return config, SuiteConfig(**{name: getattr(init, name) for name in SuiteConfig.__dataclass_fields__})
+    return parsed_dataclass(suite_parser(), SuiteConfig, args)
 
 
 def load_suite(path: str | Path, *overrides: str) -> SuiteConfig:
