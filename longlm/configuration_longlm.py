@@ -355,8 +355,28 @@ class LongLMConfig(PretrainedConfig):
         for name in sorted(set(self.mixers)):
             MIXERS.get(name).check_config(self)  # unknown names raise with the list of valid ones
         MEMORIES.get(self.memory).check_config(self)
+        self._check_plug_contract()
         _check_rules(self, MECHANISM_FIELD_RULES)
         self._check_combinations()
+
+    def _check_plug_contract(self) -> None:
+        """Every layer's mixer hands the memory what the memory reads from it (`TokenMixer.writes`,
+        `provides_projections`)."""
+        memory = MEMORIES.get(self.memory)
+        for index, name in enumerate(self.mixers):
+            mixer = MIXERS.get(name)
+            needed = memory.required_write(self, index)
+            if needed is not None and (mixer.writes is None or not issubclass(mixer.writes, needed)):
+                raise ValueError(
+                    f"LongLMConfig.memory='{self.memory}' reads {needed.__name__} from layer {index}, but that layer's "
+                    f"mixer '{name}' writes {'nothing' if mixer.writes is None else mixer.writes.__name__}; expected "
+                    f"a mixer there that writes {needed.__name__}."
+                )
+            if memory.needs_projections(self) and not mixer.provides_projections:
+                raise ValueError(
+                    f"LongLMConfig.memory='{self.memory}' attends through every layer's q/k/v projections, but layer "
+                    f"{index}'s mixer '{name}' has none to offer; expected mixers with plain q/k/v projections."
+                )
 
     def _check_token_ids(self) -> None:
         """Special token ids index the embedding: None or an id in [0, vocab_size) (eos: also a list of ids)."""

@@ -40,7 +40,7 @@ class LongLMLayer(GradientCheckpointingLayer):
         super().__init__()
         self.block = LongLMBlock(config, layer_idx)
 
-    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, Any]:
         return self.block(hidden, inputs)
 
 
@@ -328,18 +328,28 @@ class LongLMModel(LongLMPreTrainedModel):
             for layer_idx in range(len(self.layers))
         ]
         layer_inputs: list[torch.Tensor] = []
+        writes: list[Any] = [None] * len(self.layers)  # what each layer's mixer hands the memory
         if self.config.reversible:  # no per-layer activations kept (the config allows no memory that reads them)
             hidden = reversible_stack([layer.block for layer in self.layers], hidden, mixer_inputs)
         else:
-            for layer, inputs in zip(self.layers, mixer_inputs):
+            for index, (layer, inputs) in enumerate(zip(self.layers, mixer_inputs)):
                 layer_inputs.append(hidden)
-                hidden = layer(hidden, inputs)
+                hidden, writes[index] = layer(hidden, inputs)
         hidden = self.dropout(self.final_norm(hidden))
         if layout is not None:
             hidden, layer_inputs = layout.unpack(hidden), [layout.unpack(h) for h in layer_inputs]
-        mixers = [layer.block.mixer for layer in self.layers]
+        projections = (
+            [layer.block.mixer.content_projections() for layer in self.layers] if self.memory.needs_projections else []
+        )
         segment = SegmentPass(
-            layer_inputs, hidden, attention_mask, mixers, document_starts=starts, segment_ends=segment_ends, layout=layout
+            layer_inputs,
+            hidden,
+            attention_mask,
+            writes=writes,
+            projections=projections,
+            document_starts=starts,
+            segment_ends=segment_ends,
+            layout=layout,
         )
         new_memory = self.memory.update(memory, segment)
         if caching:

@@ -131,8 +131,8 @@ def test_no_row_retrieves_another_rows_keys():
     other.keys[1] = F.normalize(torch.randn_like(other.keys[1]), dim=-1)
     other.values[1] = torch.randn_like(other.values[1])
     hidden = torch.randn(2, 5, 16, dtype=torch.float64)
-    out_a = mixer(hidden, MixerInputs(None, None, True, payload=full))
-    out_b = mixer(hidden, MixerInputs(None, None, True, payload=other))
+    out_a = mixer(hidden, MixerInputs(None, None, True, payload=full)).hidden
+    out_b = mixer(hidden, MixerInputs(None, None, True, payload=other)).hidden
     torch.testing.assert_close(out_a[0], out_b[0], rtol=0, atol=0)
     assert not torch.allclose(out_a[1], out_b[1])
 
@@ -164,16 +164,16 @@ def test_gate_extremes_give_pure_memory_and_pure_local_attention(with_xl):
     inputs = MixerInputs(memory, None, True, payload=store)
     with torch.no_grad():
         model_mixer.gate_bias.fill_(-30.0)
-        torch.testing.assert_close(model_mixer(hidden, inputs), local(hidden, inputs), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model_mixer(hidden, inputs).hidden, local(hidden, inputs), rtol=1e-10, atol=1e-10)
         model_mixer.gate_bias.fill_(30.0)
-        torch.testing.assert_close(model_mixer(hidden, inputs), _memory_only_reference(model_mixer, hidden, store), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model_mixer(hidden, inputs).hidden, _memory_only_reference(model_mixer, hidden, store), rtol=1e-10, atol=1e-10)
         model_mixer.gate_bias.fill_(0.0)  # in between: the exact mixture before o_proj (which is linear)
-        mixed = model_mixer(hidden, inputs)
+        mixed = model_mixer(hidden, inputs).hidden
         half = 0.5 * (local(hidden, inputs) + _memory_only_reference(model_mixer, hidden, store))
         torch.testing.assert_close(mixed, half, rtol=1e-10, atol=1e-10)
         # with an empty store the layer is its local attention, whatever the gate
         empty = KNNStore(store.keys, store.values, torch.zeros_like(store.valid))
-        torch.testing.assert_close(model_mixer(hidden, MixerInputs(memory, None, True, payload=empty)), local(hidden, inputs), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model_mixer(hidden, MixerInputs(memory, None, True, payload=empty)).hidden, local(hidden, inputs), rtol=1e-10, atol=1e-10)
 
 
 # --- the store --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -48,11 +49,60 @@ class MixerInputs:
         return 0 if self.memory is None else self.memory.shape[1]
 
 
+@dataclass
+class MixerOutput:
+    """What a mixer that hands its memory something returns: the output (B, L, D) and `memory_write`, an
+    instance of the mixer's declared `TokenMixer.writes` type (detached tensors of the segment, in the order
+    the mixer saw it). The skeleton collects one write per layer into `SegmentPass.writes`; mixers that write
+    nothing return the output tensor alone."""
+
+    hidden: torch.Tensor
+    memory_write: Any = None
+
+
+@dataclass
+class ContentProjections:
+    """A layer's query/key/value projections as detached tensors: weights (H * Dh, D) and biases (H * Dh,) or
+    None, so a memory can compute content attention softmax((h W_q)(m W_k)^T / sqrt(Dh)) (m W_v) through the
+    layer's own projections (the Compressive Transformer's attention-reconstruction loss) without reaching
+    into the mixer or training it."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    v_weight: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    num_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, q_proj: nn.Linear, kv_proj: nn.Linear, num_heads: int, head_dim: int) -> "ContentProjections":
+        """From a query projection and a fused key/value projection (keys first)."""
+        k_weight, v_weight = kv_proj.weight.detach().chunk(2, dim=0)
+        k_bias, v_bias = (None, None) if kv_proj.bias is None else kv_proj.bias.detach().chunk(2, dim=0)
+        q_bias = None if q_proj.bias is None else q_proj.bias.detach()
+        return cls(q_proj.weight.detach(), k_weight, v_weight, q_bias, k_bias, v_bias, num_heads, head_dim)
+
+    def _heads(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return F.linear(x, weight, bias).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, H, T, Dh)."""
+        return self._heads(x, self.q_weight, self.q_bias)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(x, self.k_weight, self.k_bias), self._heads(x, self.v_weight, self.v_bias)
+
+
 class TokenMixer(nn.Module):
     """Base class of the per-layer token mixers (registered in `longlm.attention.MIXERS`).
 
-    `forward(hidden (B, L, D), inputs) -> (B, L, D)`. Subclasses declare extra parameters they own
-    through `init_extra_parameters`, which the model's `_init_weights` calls.
+    `forward(hidden (B, L, D), inputs) -> (B, L, D)`, or a `MixerOutput` for a mixer that declares `writes`
+    (what it hands the memory after the segment: the kNN pairs, the Infini-attention keys/values). Subclasses
+    declare extra parameters they own through `init_extra_parameters`, which the model's `_init_weights`
+    calls.
     """
 
     # q/k/v/o projections take `config.attention_bias` (BERT-family checkpoints have biases there)
@@ -61,6 +111,11 @@ class TokenMixer(nn.Module):
     has_global_tokens: bool = False
     # attends its pattern from cached keys/values in generate() (`MixerInputs.cache`, `kv_cache.py`)
     supports_kv_cache: bool = False
+    # the type of `MixerOutput.memory_write` this mixer returns (None: it writes nothing); a memory that reads
+    # writes names the type it needs (`SegmentMemory.required_write`) and the config check enforces the match
+    writes: type | None = None
+    # `content_projections()` gives plain q/k/v projections (memories that attend through them need it)
+    provides_projections: bool = False
 
     def __init__(self, config: "LongLMConfig", layer_idx: int) -> None:
         super().__init__()
@@ -77,6 +132,11 @@ class TokenMixer(nn.Module):
 
     def init_extra_parameters(self, init_normal) -> None:  # pragma: no cover - default has none
         """Initialise parameters that are not Linear/Embedding/LayerNorm weights."""
+
+    def content_projections(self) -> ContentProjections | None:
+        """The layer's query/key/value projections as detached tensors, for memories that attend through them
+        (`SegmentMemory.needs_projections`); None for a mixer without them (`provides_projections` False)."""
+        return None
 
     @staticmethod
     def project_with_memory(proj: nn.Module, hidden: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
 from longlm.attention.kernels import attend
 from longlm.attention.kv_cache import cached_step_attention
 from longlm.attention.masks import segment_attention_mask
@@ -510,6 +510,11 @@ class BlockSparseAttention(TokenMixer):
         if plan is None or plan.shape[1] < num_blocks:
             plan = self._plans[key] = draw(num_blocks if plan is None else max(num_blocks, 2 * plan.shape[1]))
         return plan[:, :num_blocks].contiguous()
+
+    provides_projections = True
+
+    def content_projections(self) -> ContentProjections:
+        return ContentProjections.of(self.q_proj, self.kv_proj, self.num_heads, self.head_dim)
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if inputs.memory is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
 from longlm.attention.kernels import attend
 from longlm.attention.masks import segment_attention_mask
 from longlm.attention.registry import MIXERS
@@ -29,6 +29,11 @@ class FullAttention(TokenMixer):
         self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.attention_bias)
         self.rotary = config.position_embedding_type == "rotary"
+
+    provides_projections = True
+
+    def content_projections(self) -> ContentProjections:
+        return ContentProjections.of(self.q_proj, self.kv_proj, self.num_heads, self.head_dim)
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if inputs.cache is not None and inputs.cache.past is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longlm.attention.base import MixerInputs
+from longlm.attention.base import MixerInputs, MixerOutput
 from longlm.attention.registry import MIXERS
 from longlm.attention.relative import RelativeAttention
 
@@ -137,16 +137,24 @@ def gather_entries(entries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     return entries.gather(2, flat).view(batch, heads, length, k, entries.shape[-1])
 
 
+@dataclass
+class KNNEntries:
+    """What a knn layer writes after a segment: its (unit key, value) pairs (B, H, L, Dh), detached."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
 @MIXERS.register("knn")
 class KNNAttention(RelativeAttention):
     """Relative local attention plus gated attention over the top-k pairs retrieved from the kNN store."""
+
+    writes = KNNEntries
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.gate_bias = nn.Parameter(torch.zeros(self.num_heads))  # b_h, g_h = sigmoid(b_h)
         self.memory_log_scale = nn.Parameter(torch.zeros(self.num_heads))  # s_h, t_h = sqrt(Dh) exp(s_h)
-        # (unit keys, values) (B, H, L, Dh) of the last segment, detached, for the `knn` memory's update
-        self.segment_entries: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -177,11 +185,12 @@ class KNNAttention(RelativeAttention):
         weights = torch.softmax(scores, dim=-1) * found
         return torch.einsum("bhlk,bhlkd->bhld", weights, values), found.any(dim=-1, keepdim=True)
 
-    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        """The output and the segment's (unit key, value) pairs for the `knn` memory's store."""
         local, q, k, v = self.attend_heads(hidden, inputs)
         length = hidden.shape[1]
         unit_q = F.normalize(q, dim=-1)
-        self.segment_entries = (F.normalize(k[:, :, -length:], dim=-1).detach(), v[:, :, -length:].detach())
+        entries = KNNEntries(F.normalize(k[:, :, -length:], dim=-1).detach(), v[:, :, -length:].detach())
         store: KNNStore | None = inputs.payload
         if store is None or store.size == 0:
             out = local
@@ -191,4 +200,4 @@ class KNNAttention(RelativeAttention):
                 found = found & (inputs.document_starts.cumsum(dim=1) == 0)[:, None, :, None]
             gate = self.gate() * found.to(local.dtype)
             out = gate * remote + (1 - gate) * local
-        return self.o_proj(self.merge_heads(out))
+        return MixerOutput(self.o_proj(self.merge_heads(out)), entries)

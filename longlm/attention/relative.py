@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
 from longlm.attention.kernels import attend
 from longlm.attention.masks import segment_attention_mask
 from longlm.attention.registry import MIXERS
@@ -48,6 +48,11 @@ class RelativeAttention(TokenMixer):
         self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
         self.content_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # u
         self.position_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # v
+
+    provides_projections = True
+
+    def content_projections(self) -> ContentProjections:
+        return ContentProjections.of(self.q_proj, self.kv_proj, self.num_heads, self.head_dim)
 
     def init_extra_parameters(self, init_normal) -> None:
         init_normal(self.content_bias)

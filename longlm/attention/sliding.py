@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longlm.attention.base import MixerInputs, TokenMixer
+from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
 from longlm.attention.documents import same_document
 from longlm.attention.kernels import attend
 from longlm.attention.kv_cache import cached_step_attention
@@ -103,6 +103,11 @@ class SlidingWindowAttention(TokenMixer):
                 f"The 'sliding' mixer attends within the segment only, so it needs mem_len=0, got mem_len={config.mem_len}."
             )
         check_window_fields(config, "sliding")
+
+    provides_projections = True
+
+    def content_projections(self) -> ContentProjections:
+        return ContentProjections.of(self.q_proj, self.kv_proj, self.num_heads, self.head_dim)
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         if inputs.memory is not None:

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from longlm.attention.base import MixerInputs
+from typing import Any
+
+from longlm.attention.base import MixerInputs, MixerOutput
 from longlm.attention.registry import MIXERS
 
 
@@ -42,16 +44,25 @@ class LongLMBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, Any]:
+        """(the block's output, what its mixer writes for the memory or None)."""
         if self.pre_norm:
-            hidden = hidden + self.mixer_branch(hidden, inputs)
-            return hidden + self.feed_forward_branch(hidden)
-        hidden = self.mixer_norm(hidden + self.dropout(self.mixer(hidden, inputs)))
-        return self.ffn_norm(hidden + self.feed_forward(hidden))
+            mixed, write = self.mix(self.mixer_norm(hidden), self._normed_memory(inputs))
+            hidden = hidden + self.dropout(mixed)
+            return hidden + self.feed_forward_branch(hidden), write
+        mixed, write = self.mix(hidden, inputs)
+        hidden = self.mixer_norm(hidden + self.dropout(mixed))
+        return self.ffn_norm(hidden + self.feed_forward(hidden)), write
 
-    # The two residual branches of a pre-norm block (what reversible blocks call F and G).
+    def mix(self, hidden: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, Any]:
+        """The mixer's output and its memory write (`MixerOutput`; a bare tensor writes nothing)."""
+        out = self.mixer(hidden, inputs)
+        return (out.hidden, out.memory_write) if isinstance(out, MixerOutput) else (out, None)
+
+    # The two residual branches of a pre-norm block (what reversible blocks call F and G; reversible models
+    # carry no memory, so the branch drops the write).
     def mixer_branch(self, hidden: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
-        return self.dropout(self.mixer(self.mixer_norm(hidden), self._normed_memory(inputs)))
+        return self.dropout(self.mix(self.mixer_norm(hidden), self._normed_memory(inputs))[0])
 
     def feed_forward_branch(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.feed_forward(self.ffn_norm(hidden))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from longlm.attention.base import TokenMixer
+    from longlm.attention.base import ContentProjections
     from longlm.layers.packing import PackedRows
     from longlm.configuration_longlm import LongLMConfig
 
@@ -26,8 +26,10 @@ class SegmentPass:
 
     `layer_inputs[i]` is the input of layer i and `final_hidden` the output after the final norm, both
     over the whole (possibly extended, see `SegmentMemory.extend_inputs`) sequence; `token_mask` (B, L)
-    marks real tokens of the segment; `mixers` are the layers' mixers, for memories that reuse their
-    projections (kNN keys, the compressive reconstruction loss); `document_starts` (B, L') marks the
+    marks real tokens of the segment; `writes[i]` is what layer i's mixer handed over (`MixerOutput.memory_write`:
+    the kNN pairs, ...; None for mixers that write nothing, and for every layer of a reversible stack);
+    `projections[i]` are layer i's detached q/k/v projections (`TokenMixer.content_projections`), filled only
+    for a memory with `needs_projections` (the compressive reconstruction loss); `document_starts` (B, L') marks the
     tokens of the (extended) sequence that begin a new document, or is None. `segment_ends` is False while
     more tokens of the same segment follow in later calls (generate's steps after the prompt): a memory
     that writes a segment's tokens somewhere they are *retrieved* from (knn) holds them back until it ends.
@@ -38,7 +40,8 @@ class SegmentPass:
     layer_inputs: list[torch.Tensor]
     final_hidden: torch.Tensor
     token_mask: torch.Tensor | None
-    mixers: Sequence["TokenMixer"]
+    writes: Sequence[Any] = ()
+    projections: Sequence["ContentProjections | None"] = ()
     document_starts: torch.Tensor | None = None
     segment_ends: bool = True
     layout: "PackedRows | None" = None
@@ -108,6 +111,18 @@ class SegmentMemory(nn.Module):
     @classmethod
     def check_config(cls, config: "LongLMConfig") -> None:
         """Validate the config fields this memory reads (one clear sentence per bad field)."""
+
+    @classmethod
+    def needs_projections(cls, config: "LongLMConfig") -> bool:
+        """Whether this memory reads `SegmentPass.projections` (every layer's q/k/v projections); the config
+        check then refuses mixers without `TokenMixer.provides_projections`."""
+        return False
+
+    @classmethod
+    def required_write(cls, config: "LongLMConfig", layer_idx: int) -> type | None:
+        """The `MixerOutput.memory_write` type this memory reads from layer `layer_idx` (None: nothing); the
+        config check refuses a layer whose mixer does not write it."""
+        return None
 
     def extend_inputs(
         self, state: MemoryState | None, hidden: torch.Tensor, document_starts: torch.Tensor | None = None

@@ -20,7 +20,7 @@ Compression functions (`compression_fn`, the `COMPRESSIONS` registry below):
 - `most_used`: keeps, from each block, the state that received the most attention weight. The weight is
   the content attention softmax((h W_q)(m W_k)^T / sqrt(d)) of the segment that evicts the state, over the
   keys [memory; segment] (causal, invalid slots masked), summed over heads and queries; it is computed
-  under no_grad with the layer mixer's own q/kv projections (`SegmentPass.mixers[i]`) and kept in
+  under no_grad with the layer's own q/k/v projections (`SegmentPass.projections[i]`) and kept in
   `pending_usage` for states that wait for their block.
 
 Attention-reconstruction loss (`auxiliary_losses()["attention_reconstruction"]`, learned compressions only):
@@ -31,8 +31,8 @@ layers' losses are averaged. Why not the mixer's forward with a key_mask hiding 
 always lets a query see its own key, so every output would mix in the query's own value, and the relative
 position term would score old and compressed memories at different distances, so the two sides would not
 compare like with like. Memory-only content attention through the mixer's own projections is exactly the
-paper's quantity. The main network's parameters enter through `torch.func.functional_call` with detached
-copies, and h, old are detached, so the loss trains only the compression; the compressed memory the main
+paper's quantity. The main network's parameters enter as detached tensors (`ContentProjections`, which the
+skeleton collects from each layer's mixer), and h, old are detached, so the loss trains only the compression; the compressed memory the main
 network attends is computed under no_grad, so the LM loss never reaches the compression. When no block is
 completed in a step the loss is a zero that still touches the compression parameters (DDP then sees every
 parameter used in every step).
@@ -44,8 +44,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from longlm.attention.base import ContentProjections
 from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass, last_document_tokens
 from longlm.memory.registry import MEMORIES
 from longlm.registry import Registry
@@ -109,29 +109,10 @@ class MostUsedCompression(Compression):
 
 
 # --------------------------------------------------------------------------------------------------
-# content attention with a layer mixer's own (detached) projections
+# content attention with a layer's own (detached) projections
 # --------------------------------------------------------------------------------------------------
-def _detached_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) with detached copies of its parameters: no gradient reaches the module."""
-    return functional_call(module, {name: p.detach() for name, p in module.named_parameters()}, (x,))
-
-
-def _projections(mixer: nn.Module) -> tuple[Callable, Callable]:
-    """(queries, keys_values) functions of hidden states, through the mixer's own projections."""
-    if hasattr(mixer, "q_proj") and hasattr(mixer, "kv_proj"):
-        return (lambda x: _detached_call(mixer.q_proj, x)), (lambda x: _detached_call(mixer.kv_proj, x).chunk(2, dim=-1))
-    if all(hasattr(mixer, name) for name in ("q_proj", "k_proj", "v_proj")):
-        return (lambda x: _detached_call(mixer.q_proj, x)), (
-            lambda x: (_detached_call(mixer.k_proj, x), _detached_call(mixer.v_proj, x))
-        )
-    raise TypeError(
-        f"The compressive memory attends with the layer's own projections, but mixer {type(mixer).__name__} "
-        "has neither q_proj + kv_proj nor q_proj + k_proj + v_proj."
-    )
-
-
 def content_attention(
-    mixer: nn.Module,
+    projections: ContentProjections,
     queries: torch.Tensor,
     keys: torch.Tensor,
     key_valid: torch.Tensor,
@@ -141,10 +122,9 @@ def content_attention(
 
     No position terms and no output projection (the paper's attn(h, m)). With `causal_offset` = M, query i
     sees keys j <= M + i (keys = [memory of M; segment])."""
-    project_q, project_kv = _projections(mixer)
-    q = mixer.split_heads(project_q(queries))
-    k, v = (mixer.split_heads(t) for t in project_kv(keys))
-    scores = torch.matmul(q, k.transpose(-1, -2)) * mixer.scale
+    q = projections.queries(queries)
+    k, v = projections.keys_values(keys)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * projections.head_dim**-0.5
     allowed = key_valid.bool()[:, None, None, :]
     if causal_offset is not None:
         query_pos = torch.arange(q.shape[2], device=q.device)[:, None] + causal_offset
@@ -270,6 +250,15 @@ class CompressiveMemory(SegmentMemory):
                 "memory; use same_length=False with cmem_len > 0."
             )
 
+    @classmethod
+    def needs_projections(cls, config) -> bool:
+        """A learned compression (its reconstruction loss) and `most_used` (attention usage) attend through the
+        layers' own projections."""
+        if config.cmem_len <= 0:
+            return False
+        compression = COMPRESSIONS.get(config.compression_fn)
+        return compression.learned or compression.needs_usage
+
     @property
     def mem_len(self) -> int:
         """Read from the config at every use, so an evaluation that sets a longer `mem_len` gets it."""
@@ -344,7 +333,7 @@ class CompressiveMemory(SegmentMemory):
             keys = torch.cat([state.hidden[layer_idx], new], dim=1)
             key_valid = torch.cat([cut.valid[1], new_valid], dim=1)  # as this update sees them (documents)
             memory_length, pending = state.valid.shape[1], [state.pending_usage[layer_idx]]
-        _, weights = content_attention(segment.mixers[layer_idx], new, keys, key_valid, causal_offset=memory_length)
+        _, weights = content_attention(segment.projections[layer_idx], new, keys, key_valid, causal_offset=memory_length)
         weights = weights * new_valid[:, None, :, None]  # padding queries do not vote
         return pending + [weights.sum(dim=(1, 2)).to(new.dtype)]
 
@@ -428,12 +417,12 @@ class CompressiveMemory(SegmentMemory):
         query_valid = cut.valid[-1]
         rows = (query_valid & block_valid.any(dim=1, keepdim=True)).to(segment.layer_inputs[0].dtype)  # (B, L)
         losses = []
-        for i, (mixer, compress) in enumerate(zip(segment.mixers, self.compress)):
+        for i, (projections, compress) in enumerate(zip(segment.projections, self.compress)):
             queries = segment.layer_inputs[i].detach()
             old = _span(self._stream(state, segment, i), 0, cut.blocked).detach()
             with torch.no_grad():
-                target, _ = content_attention(mixer, queries, old, old_valid)
-            got, _ = content_attention(mixer, queries, compress(old), block_valid)
+                target, _ = content_attention(projections, queries, old, old_valid)
+            got, _ = content_attention(projections, queries, compress(old), block_valid)
             error = (got - target).pow(2).mean(dim=(1, 3))  # (B, L): over heads and head dims
             losses.append((error * rows).sum() / rows.sum().clamp(min=1))
         return {"attention_reconstruction": torch.stack(losses).mean()}

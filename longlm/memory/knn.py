@@ -7,8 +7,8 @@
   gradient. It is handed to the layer's `knn` mixer as `MixerInputs.payload` (a `KNNStore`).
 
 After a segment, `update` appends the segment's pairs of every knn layer; padded tokens (token_mask 0) are
-stored as invalid slots. The pairs are those the knn mixer computed for the segment (`segment_entries`,
-detached): recomputing them here from `SegmentPass.layer_inputs` would miss the block's pre-norm
+stored as invalid slots. The pairs are those the knn mixer computed for the segment (its `KNNEntries`
+write, `SegmentPass.writes`, detached): recomputing them here from `SegmentPass.layer_inputs` would miss the block's pre-norm
 (`pre_norm=True` feeds the mixer `mixer_norm(layer_input)`, and the norm belongs to the block, which a
 memory cannot see), so the mixer hands over what it actually used.
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from longlm.attention.knn import KNNStore, check_knn_fields
+from longlm.attention.knn import KNNEntries, KNNStore, check_knn_fields
 from longlm.memory.base import SegmentPass
 from longlm.memory.registry import MEMORIES
 from longlm.memory.xl import XLMemory, XLMemoryState
@@ -95,6 +95,10 @@ class KNNMemory(XLMemory):
     def knn_layers(self) -> list[int]:
         return list(self.config.knn_layers or [])
 
+    @classmethod
+    def required_write(cls, config, layer_idx: int) -> type | None:
+        return KNNEntries if layer_idx in (config.knn_layers or []) else None
+
     def mixer_payload(self, state: KNNMemoryState | None, layer_idx: int) -> KNNStore | None:
         if state is None or layer_idx not in self.knn_layers:
             return None
@@ -134,15 +138,11 @@ class KNNMemory(XLMemory):
             store_valid = None if store_valid is None else store_valid & no_start
             pending_valid = None if pending_valid is None else pending_valid & no_start
         new_keys, new_values = [], []
+        layout = segment.layout  # the mixer saw the padded batch packed; the pairs go back to the segment's order
         for layer_idx in self.knn_layers:
-            mixer = segment.mixers[layer_idx]
-            entries = getattr(mixer, "segment_entries", None)
-            if entries is None:
-                raise RuntimeError(f"Layer {layer_idx}'s mixer handed no (key, value) pairs; the knn memory needs the knn mixer there.")
-            mixer.segment_entries = None  # handed over once; the memory holds them now
-            layout = segment.layout  # the mixer saw the padded batch packed; the pairs go back to the segment's order
-            new_keys.append(entries[0].detach() if layout is None else layout.unpack(entries[0].detach(), dim=2))
-            new_values.append(entries[1].detach() if layout is None else layout.unpack(entries[1].detach(), dim=2))
+            entries: KNNEntries = segment.writes[layer_idx]
+            new_keys.append(entries.keys if layout is None else layout.unpack(entries.keys, dim=2))
+            new_values.append(entries.values if layout is None else layout.unpack(entries.values, dim=2))
         fields = {f.name: getattr(xl, f.name) for f in dataclasses.fields(XLMemoryState)}
         old = {"keys": (), "values": ()} if state is None else {"keys": state.keys, "values": state.values}
         held = {"keys": (), "values": ()} if state is None else {"keys": state.pending_keys, "values": state.pending_values}
