@@ -112,7 +112,7 @@ def ours_config(pair: str, args: argparse.Namespace, total_len: int):
     elif pair == "memorizing":
         extra = dict(
             mem_len=args.mem_len,
-            knn_layers=[args.layers // 2 - 1],
+            layer_mixers=["knn" if i == args.layers // 2 - 1 else "relative" for i in range(args.layers)],
             knn_memory_size=args.knn_memory_size,
             knn_top_k=args.knn_top_k,
             knn_backend=args.knn_backend,

@@ -31,7 +31,7 @@ sparsity on every side):
   n_hashes=2, ff_chunks=total_len/1024)` driven by its `TrainingWrapper`.
 * `routing`: local attention (window 256) in every layer; in the last half of the layers half the heads route
   through k-means clusters of 256 tokens (num_clusters = total_len / 256). Ours: preset `routing` with
-  routing_layers = the last half, num_routing_heads = heads/2; `routing-transformer`
+  `routing` in the last half of `layer_mixers`, num_routing_heads = heads/2; `routing-transformer`
   `RoutingTransformerLM(window_size=256, causal=True, n_local_attn_heads=(4, 4, 2, 2))` driven by its
   `AutoregressiveWrapper` (its loss includes the k-means commitment loss; its EMA update runs on backward).
 
@@ -151,7 +151,7 @@ def ours_fields(mechanism: str, args: argparse.Namespace, total_len: int) -> dic
     half = args.layers // 2
     return dict(
         attention_window=2 * args.window,
-        routing_layers=list(range(args.layers - half, args.layers)),
+        layer_mixers=["sliding"] * (args.layers - half) + ["routing"] * half,
         num_clusters=total_len // args.cluster_window,
         num_routing_heads=args.heads // 2,
         kmeans_decay=0.999,

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from longlm import LongLMConfig, LongLMForCausalLM  # noqa: E402
-from longlm.presets import PRESETS  # noqa: E402
+from longlm.presets import PRESETS, layer_mixers_at  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "enwik8-sample" / "enwiki_sample.xml"
 SIZE = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512, vocab_size=259)
@@ -47,8 +47,9 @@ REFEEDS = {"rmt"}  # feeds the whole segment again at every step
 
 
 def ours(preset: str, length: int) -> torch.nn.Module:
-    """The preset at the benchmark size; its per-layer lists (knn_layers, routing_layers) point at the last layer."""
-    lists = {key: [SIZE["num_hidden_layers"] - 1] for key in ("knn_layers", "routing_layers") if PRESETS.get(preset).get(key)}
+    """The preset at the benchmark size; its other mixer (memorizing's knn, routing's routing) in the last layer."""
+    per_layer = layer_mixers_at(preset, SIZE["num_hidden_layers"])
+    lists = {} if per_layer is None else {"layer_mixers": per_layer}
     config = LongLMConfig.from_preset(preset, **SIZE, **lists, hidden_dropout_prob=0.0, attention_dropout=0.0)
     return LongLMForCausalLM(config)
 

@@ -1,7 +1,8 @@
 """`LongLMConfig`: one Hugging Face config for every mixer/memory combination.
 
 A paper recipe is a preset (see `longlm.presets`): a named set of field values, so
-`LongLMConfig.from_preset("transformer-xl", hidden_size=256)` is the whole story.
+`LongLMConfig.from_preset(name, hidden_size=256)` is the whole story. The config core names no mechanism:
+each mixer and memory declares its own options (`longlm.options`).
 """
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ from transformers import GenerationConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 
 from longlm.attention import MIXERS
+from longlm.config_migration import LEGACY_LAYER_KEYS, migrate_config_dict
 from longlm.memory import MEMORIES
+from longlm.options import Option, collect_options
+
+
+def mechanism_options() -> dict[str, Option]:
+    """The options of every registered mixer and memory (read at each call: a plug-in registered later counts)."""
+    return collect_options(
+        [MIXERS.get(name) for name in MIXERS.names()] + [MEMORIES.get(name) for name in MEMORIES.names()]
+    )
 
 POSITION_EMBEDDING_TYPES = ("none", "rotary", "absolute")  # "relative" positions belong to the relative mixer
-# mixer name -> config field listing the layers that use it instead of `mixer`
-LAYER_MIXER_FIELDS = {"knn": "knn_layers", "routing": "routing_layers"}
-# memories whose state keeps the graph between segments, so `bptt_depth` > 1 backpropagates through it (the
-# others detach what they carry: xl/compressive/knn cache detached states, none carries nothing)
-BPTT_MEMORIES = ("rmt",)
-# mixers whose `attention_window` w is split into w/2 keys on each side (Longformer's convention, which HF's
-# Longformer enforces with an even window): an odd w would silently act as w - 1
-EVEN_WINDOW_MIXERS = ("sliding",)
 # Keys Hugging Face accepts or writes on a config that neither the dataclass fields nor a fresh
 # `PretrainedConfig` show: `PretrainedConfig.__init__` arguments of transformers 4.x (still in config.json
 # files and in transformers' common tests), keys `__post_init__` pops (also found in its source, see
@@ -77,15 +79,8 @@ def _positive_number(value: Any) -> bool:
     return _is_number(value) and value > 0
 
 
-def _int_or_int_list(value: Any, ok: Callable[[Any], bool]) -> bool:
-    """One value, or a (possibly nested) list of them (per-layer windows, per-layer/per-head dilations)."""
-    if isinstance(value, (list, tuple)):
-        return len(value) > 0 and all(_int_or_int_list(item, ok) for item in value)
-    return ok(value)
-
-
-def _layer_list(value: Any) -> bool:
-    return value is None or (isinstance(value, (list, tuple)) and all(_is_int(index) for index in value))
+def _layer_mixers(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value))
 
 
 # field -> (valid?, what was expected), checked before the mixers read them (sizes, rates, flags)
@@ -109,8 +104,7 @@ CORE_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hidden_act": (lambda v: isinstance(v, str) and v in ACT2FN, f"one of {sorted(ACT2FN)}"),
     "memory": (lambda v: isinstance(v, str), "a memory name"),
     "position_embedding_type": (lambda v: isinstance(v, str), f"one of {list(POSITION_EMBEDDING_TYPES)}"),
-    "knn_layers": (_layer_list, "None or a list of layer indices"),
-    "routing_layers": (_layer_list, "None or a list of layer indices"),
+    "layer_mixers": (_layer_mixers, "None or a list of mixer names, one per layer"),
     **{
         name: (lambda v: isinstance(v, bool), "True or False")
         for name in (
@@ -118,31 +112,6 @@ CORE_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
             "is_decoder", "tie_word_embeddings", "use_cache", "question_global_attention",
         )
     },
-}
-# field -> rule for the mechanism fields, checked after the mixers and memory that read them (which give
-# their own messages); these also refuse bad values in fields that the chosen mixers do not read
-MECHANISM_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "cmem_len": (_non_negative_int, "a non-negative integer"),
-    "compression_rate": (_positive_int_or_none, "a positive integer or None"),
-    "compression_fn": (lambda v: isinstance(v, str), "a compression name"),
-    "knn_memory_size": (_positive_int, "a positive integer"),
-    "knn_top_k": (_positive_int, "a positive integer"),
-    "knn_backend": (lambda v: isinstance(v, str), "a kNN backend name"),
-    "num_memory_tokens": (_non_negative_int, "a non-negative integer"),
-    "attention_window": (lambda v: _int_or_int_list(v, _positive_int), "a positive integer or a list of one per layer"),
-    "attention_dilation": (
-        lambda v: _int_or_int_list(v, _positive_int), "a positive integer or a list of one per head or per layer"
-    ),
-    "block_size": (_positive_int, "a positive integer"),
-    "num_random_blocks": (_non_negative_int, "a non-negative integer"),
-    "random_blocks_seed": (_non_negative_int, "a non-negative integer"),
-    "num_buckets": (_positive_int, "a positive integer"),
-    "num_hashes": (_positive_int, "a positive integer"),
-    "lsh_chunk_length": (_positive_int, "a positive integer"),
-    "lsh_hash_seed": (_non_negative_int, "a non-negative integer"),
-    "num_clusters": (_positive_int, "a positive integer"),
-    "num_routing_heads": (_positive_int, "a positive integer"),
-    "kmeans_decay": (lambda v: _is_number(v) and 0.0 < v < 1.0, "a number in (0, 1)"),
 }
 TOKEN_ID_FIELDS = ("pad_token_id", "eos_token_id", "bos_token_id", "sep_token_id")
 # fields checked by their own code below rather than by a rule table
@@ -211,7 +180,9 @@ def _closest_field(key: str, fields: list[str]) -> str | None:
 
 def _unknown_key_message(config_class: type, unknown: list[str], where: str = "") -> str:
     """'Unknown LongLMConfig field 'x'[ in 'file']; did you mean 'y'?' (closest names of our own fields)."""
-    fields = sorted(field.name for field in dataclasses.fields(config_class) if not field.name.startswith("_"))
+    fields = sorted(
+        {field.name for field in dataclasses.fields(config_class) if not field.name.startswith("_")} | set(mechanism_options())
+    )
     name = config_class.__name__
 
     def hint(key: str) -> str:
@@ -229,7 +200,7 @@ class LongLMConfig(PretrainedConfig):
 
     Field names follow Hugging Face (`hidden_size`, `num_hidden_layers`, ...). The two plug points:
     `mixer` (a name, or one name per layer) picks the token mixer; `memory` picks the state
-    carried across segments (`mem_len` states per layer for `xl`).
+    carried across segments (`mem_len` states per layer for a memory that caches states).
     """
 
     model_type = "longlm"
@@ -255,47 +226,24 @@ class LongLMConfig(PretrainedConfig):
     position_embedding_type: str = "rotary"
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
-    # BERT-family embeddings (what Longformer/BigBird checkpoints need, see scripts/convert_hf.py): learned
-    # absolute positions numbered from `position_offset` (RoBERTa/Longformer count from padding_idx + 1 = 2),
+    # BERT-family embeddings (what converted encoder checkpoints need, see scripts/convert_hf.py): learned
+    # absolute positions numbered from `position_offset` (RoBERTa counts from padding_idx + 1 = 2),
     # `type_vocab_size` token-type rows (0 = none), a LayerNorm over the summed embeddings, and biases on the
     # attention projections of the mixers that have them (`TokenMixer.supports_attention_bias`)
     position_offset: int = 0
     type_vocab_size: int = 0
     embedding_norm: bool = False
     attention_bias: bool = False
-    # compressive memory (Rae et al. 2020)
-    cmem_len: int = 0
-    compression_rate: int | None = None
-    compression_fn: str = "conv"
-    # Memorizing Transformer (Wu et al. 2022): layers whose mixer is `knn`, and the per-row store
-    knn_layers: list[int] | None = None
-    knn_memory_size: int = 65536
-    knn_top_k: int = 32
-    knn_backend: str = "torch"
-    # Recurrent Memory Transformer (Bulatov et al. 2022)
-    num_memory_tokens: int = 0
+    # Per-layer mixers: one name per layer (Hugging Face's `layer_types` idea; that name is HF's own, validated
+    # against its attention kinds); None = `mixer` in every layer.
+    # Older configs named per-layer mixers in mechanism-specific keys: the constructor migrates them
+    # (`longlm.config_migration`), so folders saved before still load.
+    layer_mixers: list[str] | None = None
+    # segments per gradient window (memories with `SegmentMemory.backpropagates_through_state`)
     bptt_depth: int = 1
-    # Longformer (Beltagy et al. 2020), mixer `sliding`: total window (one int, or one per layer; each
-    # token sees attention_window // 2 keys on each side), dilation (one int, one per head, or one per
-    # layer of those)
-    attention_window: Any = 512
-    attention_dilation: Any = 1
-    # BigBird (Zaheer et al. 2020), mixer `block_sparse`: block size, random blocks per query block, seed
-    # of the (fixed) random plan
-    block_size: int = 64
-    num_random_blocks: int = 3
-    random_blocks_seed: int = 0
-    # Reformer (Kitaev et al. 2020), mixer `lsh`
-    num_buckets: int = 32
-    num_hashes: int = 1
-    lsh_chunk_length: int = 64
-    lsh_hash_seed: int = 0  # seed of the fixed random rotations (layer i uses lsh_hash_seed + i)
-    # Routing Transformer (Roy et al. 2021), mixer `routing` in `routing_layers` (others keep `mixer`)
-    routing_layers: list[int] | None = None
-    num_clusters: int = 8
-    num_routing_heads: int = 2
-    kmeans_decay: float = 0.999
-    # skeleton options (Reformer): reversible residual blocks, feed-forward computed in chunks of tokens
+    # Every registered mixer's and memory's own options (`options` on the class, `longlm.options`) are set as
+    # attributes too, with their defaults: `config.attention_window`, `config.cmem_len`, ...
+    # skeleton options: reversible residual blocks, feed-forward computed in chunks of tokens
     reversible: bool = False
     feed_forward_chunk_size: int = 0
     is_decoder: bool = True
@@ -307,15 +255,20 @@ class LongLMConfig(PretrainedConfig):
     eos_token_id: int | None = 1
     bos_token_id: int | None = None
     # ends the question in `<s> question </s></s> context </s>`: question answering puts global attention on
-    # the tokens before the first one (Longformer's convention) when the mixer has global tokens
+    # the tokens before the first one (Hugging Face's QA convention) when the mixer has global tokens
     sep_token_id: int | None = None
     # question answering with a mixer that has global tokens: True gives the question global attention
-    # (Longformer's fine-tuning recipe); False leaves every token to its window (the ablation of its paper)
+    # (the usual fine-tuning recipe); False leaves every token to its window (the ablation)
     question_global_attention: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
-        # Only keys that are not dataclass fields reach here: refuse those Hugging Face does not know either,
-        # so a typo (`mem_length`) fails instead of being written into config.json
+        # Only keys that are not dataclass fields reach here: the mechanisms' options (set as attributes), the
+        # keys older configs used (migrated), and keys Hugging Face sets; anything else is refused, so a typo
+        # (`mem_length`) fails instead of being written into config.json
+        kwargs = migrate_config_dict(kwargs, self)
+        options = mechanism_options()
+        for name, spec in options.items():
+            setattr(self, name, kwargs.pop(name) if name in kwargs else spec.default)
         self.refuse_unknown_keys(kwargs)
         if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -325,7 +278,7 @@ class LongLMConfig(PretrainedConfig):
     @classmethod
     def refuse_unknown_keys(cls, keys: Any, where: str = "") -> None:
         """ValueError naming the keys that are neither a field nor a key Hugging Face sets on configs."""
-        known = hf_config_keys(cls)
+        known = hf_config_keys(cls) | set(mechanism_options()) | set(LEGACY_LAYER_KEYS)
         unknown = [key for key in keys if key not in known]
         if unknown:
             raise ValueError(_unknown_key_message(cls, unknown, where))
@@ -340,12 +293,10 @@ class LongLMConfig(PretrainedConfig):
 
     @property
     def mixers(self) -> list[str]:
-        """One mixer name per layer (`knn_layers` / `routing_layers` put that mixer in those layers)."""
-        names = [self.mixer] * self.num_hidden_layers if isinstance(self.mixer, str) else list(self.mixer)
-        for name, layers in LAYER_MIXER_FIELDS.items():
-            for index in getattr(self, layers) or []:
-                names[index] = name
-        return names
+        """One mixer name per layer: `layer_mixers`, or `mixer` in every layer."""
+        if self.layer_mixers is not None:
+            return list(self.layer_mixers)
+        return [self.mixer] * self.num_hidden_layers if isinstance(self.mixer, str) else list(self.mixer)
 
     def _check(self) -> None:
         """One clear sentence per bad field (raised as ValueError)."""
@@ -356,7 +307,7 @@ class LongLMConfig(PretrainedConfig):
             MIXERS.get(name).check_config(self)  # unknown names raise with the list of valid ones
         MEMORIES.get(self.memory).check_config(self)
         self._check_plug_contract()
-        _check_rules(self, MECHANISM_FIELD_RULES)
+        _check_rules(self, {name: (spec.valid, spec.expected) for name, spec in mechanism_options().items()})
         self._check_combinations()
 
     def _check_plug_contract(self) -> None:
@@ -365,6 +316,11 @@ class LongLMConfig(PretrainedConfig):
         memory = MEMORIES.get(self.memory)
         for index, name in enumerate(self.mixers):
             mixer = MIXERS.get(name)
+            if mixer.requires_memory is not None and mixer.requires_memory != self.memory:
+                raise ValueError(
+                    f"LongLMConfig.memory is '{self.memory}', but layer {index}'s mixer '{name}' reads the memory "
+                    f"'{mixer.requires_memory}'; expected memory='{mixer.requires_memory}'."
+                )
             needed = memory.required_write(self, index)
             if needed is not None and (mixer.writes is None or not issubclass(mixer.writes, needed)):
                 raise ValueError(
@@ -403,14 +359,11 @@ class LongLMConfig(PretrainedConfig):
             raise ValueError(
                 f"LongLMConfig.mixer lists {len(self.mixer)} mixers but num_hidden_layers is {self.num_hidden_layers}."
             )
-        for field in LAYER_MIXER_FIELDS.values():
-            for index in getattr(self, field) or []:
-                if not 0 <= index < self.num_hidden_layers:
-                    raise ValueError(
-                        f"LongLMConfig.{field} holds {index!r}, not a layer index in [0, {self.num_hidden_layers})."
-                    )
-        if set(self.knn_layers or []) & set(self.routing_layers or []):
-            raise ValueError("LongLMConfig.knn_layers and routing_layers name the same layer; a layer has one mixer.")
+        if self.layer_mixers is not None and len(self.layer_mixers) != self.num_hidden_layers:
+            raise ValueError(
+                f"LongLMConfig.layer_mixers lists {len(self.layer_mixers)} mixers but num_hidden_layers is "
+                f"{self.num_hidden_layers}; expected one mixer name per layer."
+            )
         if self.reversible and not self.pre_norm:
             raise ValueError("LongLMConfig.reversible=True needs pre_norm=True: a post-norm block cannot be inverted.")
         if self.reversible and self.memory != "none":
@@ -439,27 +392,13 @@ class LongLMConfig(PretrainedConfig):
                 f"rotate pairs of dimensions), got {self.head_dim}; expected an even head_dim or another "
                 f"position_embedding_type."
             )
-        if self.bptt_depth > 1 and self.memory not in BPTT_MEMORIES:
+        if self.bptt_depth > 1 and not MEMORIES.get(self.memory).backpropagates_through_state:
+            through = [name for name in MEMORIES.names() if MEMORIES.get(name).backpropagates_through_state]
             raise ValueError(
                 f"LongLMConfig.bptt_depth={self.bptt_depth} backpropagates through the memory carried between "
                 f"segments, but memory '{self.memory}' passes no gradient between segments; expected bptt_depth=1 "
-                f"or a memory in {list(BPTT_MEMORIES)}."
+                f"or a memory in {through}."
             )
-        self._check_even_windows()
-
-    def _check_even_windows(self) -> None:
-        """Layers whose mixer splits `attention_window` in two halves need an even window."""
-        for index, mixer in enumerate(self.mixers):
-            if mixer not in EVEN_WINDOW_MIXERS:
-                continue
-            window = self.attention_window
-            where = "" if _is_int(window) else f"[{index}]"
-            value = window if _is_int(window) else window[index]
-            if value % 2:
-                raise ValueError(
-                    f"LongLMConfig.attention_window{where} must be even for the '{mixer}' mixer (w/2 keys on each "
-                    f"side, Longformer's convention), got {value}."
-                )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "LongLMConfig":
@@ -467,8 +406,11 @@ class LongLMConfig(PretrainedConfig):
         from longlm.presets import PRESETS
 
         fields = dict(PRESETS.get(name))
-        if overrides.get("memory", fields.get("memory")) not in BPTT_MEMORIES and "bptt_depth" not in overrides:
-            # the preset's bptt_depth belongs to its memory (rmt): swapping in a memory without BPTT drops it,
+        if any(key in overrides for key in ("layer_mixers", *LEGACY_LAYER_KEYS)):
+            fields.pop("layer_mixers", None)  # per-layer mixers given by the caller replace the preset's
+        memory = MEMORIES.get(overrides.get("memory", fields.get("memory", "none")))
+        if not memory.backpropagates_through_state and "bptt_depth" not in overrides:
+            # the preset's bptt_depth belongs to its memory: swapping in a memory without BPTT drops it,
             # while a bptt_depth the caller passes with such a memory is refused by `_check`
             fields.pop("bptt_depth", None)
         return cls(**{**fields, **overrides})

@@ -25,12 +25,18 @@ from longlm.attention.kv_cache import KVCacheState, cached_call_slots
 from longlm.configuration_longlm import LongLMConfig
 from longlm.layers.block import LongLMBlock
 from longlm.layers.packing import PackedRows
+from longlm.layers.positions import RotaryTable
 from longlm.layers.recompute import recomputing
 from longlm.layers.reversible import reversible_stack
-from longlm.memory.base import MemoryState, SegmentPass
+from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass
 from longlm.memory.registry import MEMORIES
 from longlm.outputs import LongLMCausalLMOutput, LongLMMaskedLMOutput, LongLMModelOutput, LongLMQuestionAnsweringOutput
 from longlm.remote_code import AUTO_MAP, write_remote_code
+
+
+# config fields every mixer and memory may read at construction that an evaluation may change afterwards
+# (through `with_memory`); a memory adds its own `reconfigurable_options`
+MEMORY_SETTINGS = ("mem_len", "clamp_len", "same_length")
 
 
 class LongLMLayer(GradientCheckpointingLayer):
@@ -72,7 +78,10 @@ class LongLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LongLMLayer"]
+    # the kernels `config._attn_implementation` may name (`longlm.attention.backends` runs them)
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -81,7 +90,8 @@ class LongLMPreTrainedModel(PreTrainedModel):
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args: Any, **kwargs: Any) -> None:
         """HF's checkpointing, with the recomputation flagged (`longlm.layers.recompute`) so that mixers with
-        training side effects (routing's centroid updates) apply them once per step, as reversible blocks do.
+        training side effects (centroid updates, `longlm.layers.recompute`) apply them once per step, as
+        reversible blocks do.
 
         Non-reentrant checkpointing flags the rerun through `context_fn`; reentrant checkpointing (which takes
         no `context_fn`) runs the layer twice, so the second run of each call is the flagged one."""
@@ -98,6 +108,34 @@ class LongLMPreTrainedModel(PreTrainedModel):
             for module in self.modules():
                 if isinstance(module, LongLMLayer) and module.gradient_checkpointing:
                     module._gradient_checkpointing_func = _flag_second_run(module._gradient_checkpointing_func)
+
+    def with_memory(self, **settings: Any) -> "LongLMPreTrainedModel":
+        """Change the memory an evaluation runs with (`mem_len`, `clamp_len`, `same_length`, and the memory's
+        `reconfigurable_options`, e.g. `cmem_len`): the new values are validated as a whole config, then every
+        mixer and memory reads them again (`configure`). Returns the model. The only way to change them after
+        construction: setting `model.config.mem_len` directly is refused at the next forward."""
+        base = self.base_model
+        allowed = (*MEMORY_SETTINGS, *base.memory.reconfigurable_options)
+        unknown = sorted(set(settings) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"with_memory() cannot change {unknown}; expected some of {list(allowed)} (other fields change the "
+                "architecture: build a new model from a new config)."
+            )
+        validated = type(self.config)(**{**self.config.to_dict(), **settings})
+        try:
+            for module in self.modules():
+                if isinstance(module, (TokenMixer, SegmentMemory)):
+                    module.configure(validated)
+        except ValueError:
+            for module in self.modules():
+                if isinstance(module, (TokenMixer, SegmentMemory)):
+                    module.configure(self.config)
+            raise
+        for name in settings:
+            setattr(self.config, name, getattr(validated, name))
+        base.configured_settings = base.memory_settings()
+        return self
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save config + safetensors, plus the flat model code that `trust_remote_code=True` loads."""
@@ -131,8 +169,24 @@ class LongLMModel(LongLMPreTrainedModel):
         self.layers = nn.ModuleList(LongLMLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
         self.memory = MEMORIES.get(config.memory)(config)
+        self.configured_settings = self.memory_settings()  # what the layers read; `with_memory` changes it
         self.gradient_checkpointing = False
         self.post_init()
+
+    def memory_settings(self) -> dict[str, Any]:
+        """The config values the layers read at construction that `with_memory` may change."""
+        names = (*MEMORY_SETTINGS, *self.memory.reconfigurable_options)
+        return {name: getattr(self.config, name) for name in names}
+
+    def _check_settings_unchanged(self) -> None:
+        """A memory setting changed on the config behind the layers' back would be silently ignored: refuse it."""
+        for name, value in self.memory_settings().items():
+            if value != self.configured_settings[name]:
+                raise ValueError(
+                    f"config.{name} was changed to {value!r} after the model was built (its layers run with "
+                    f"{self.configured_settings[name]!r}); expected model.with_memory({name}={value!r}), which "
+                    "validates the change and reconfigures every layer."
+                )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -236,7 +290,7 @@ class LongLMModel(LongLMPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> LongLMModelOutput:
-        """`global_attention_mask` (B, L): 1 on tokens with global attention (Longformer's convention; read by
+        """`global_attention_mask` (B, L): 1 on tokens with global attention (Hugging Face's convention; read by
         the mixers that have global tokens). `document_starts` (B, L): True on tokens that begin a new
         document inside the segment (read by memories that must forget at document ends).
         `segment_continues` / `segment_ends` (generate sets them; one call is one segment otherwise): this
@@ -246,12 +300,13 @@ class LongLMModel(LongLMPreTrainedModel):
         tokens (what `generate()` does)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        self._check_settings_unchanged()
         output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
         return_dict = _flag(return_dict, self.config.return_dict)
         if _flag(output_attentions, self.config.output_attentions):
             raise ValueError(
                 "output_attentions=True is not available: longlm's mixers attend through fused kernels (SDPA, "
-                "block-sparse, LSH, kNN top-k) that never form the attention probabilities; expected "
+                "block-sparse, hashed, top-k retrieval) that never form the attention probabilities; expected "
                 "output_attentions=False."
             )
         if inputs_embeds is None:
@@ -314,16 +369,22 @@ class LongLMModel(LongLMPreTrainedModel):
             slots, next_position, last_document = cached_call_slots(
                 kv_cache, len(self.layers), token_mask, packed_starts, (batch, length), hidden.device
             )
+        contexts = [self.memory.context(memory, layer_idx)[0] for layer_idx in range(len(self.layers))]
+        rotary = None
+        if self.config.position_embedding_type == "rotary":  # one table for every layer: [memory; segment] positions
+            longest = length + max((0 if c is None else c.shape[1]) for c in contexts)
+            rotary = RotaryTable(longest, self.config.head_dim, self.config.rope_theta, hidden.device)
         mixer_inputs = [
             MixerInputs(
-                self.memory.context(memory, layer_idx)[0],
+                contexts[layer_idx],
                 key_mask,
                 causal=self.config.is_decoder,
                 payload=self.memory.mixer_payload(memory, layer_idx),
                 global_mask=global_mask if layout is None else layout.pack(global_mask),
                 document_starts=packed_starts,
-                documents=document_numbers(packed_starts, self.memory.context(memory, layer_idx)[0]),
+                documents=document_numbers(packed_starts, contexts[layer_idx]),
                 cache=slots[layer_idx],
+                rotary=rotary,
             )
             for layer_idx in range(len(self.layers))
         ]
@@ -361,7 +422,7 @@ class LongLMModel(LongLMPreTrainedModel):
                 "output_hidden_states is not available with reversible=True: reversible blocks keep no per-layer "
                 "activations; expected output_hidden_states=False or a config with reversible=False."
             )
-        tokens = slice(before, hidden.shape[1] - after)  # drop the positions the memory added (RMT's slots)
+        tokens = slice(before, hidden.shape[1] - after)  # drop the positions the memory added (memory tokens)
         all_hidden = tuple(h[:, tokens] for h in (*layer_inputs, hidden)) if output_hidden_states else None
         output = LongLMModelOutput(
             last_hidden_state=hidden[:, tokens], hidden_states=all_hidden, memory=new_memory, aux_losses=aux_losses or None
@@ -465,7 +526,7 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Feed only the tokens the memory has not absorbed when the memory carries the context, or when the
-        model caches keys/values instead (`LongLMModel.supports_kv_cache`: `full`, `sliding`); otherwise feed
+        model caches keys/values instead (`LongLMModel.supports_kv_cache`); otherwise feed
         the whole sequence again, with what the memory says each step reads
         (`SegmentMemory.generation_memory`: nothing for most memories).
 
@@ -584,7 +645,7 @@ class MaskedLMHead(nn.Module):
 
 class LongLMForMaskedLM(LongLMPreTrainedModel):
     """Encoder (`is_decoder=False`) with an MLM head; `labels` hold the original ids at masked positions and
-    -100 elsewhere (what `longlm.training.masking` produces). With a memory (`rmt`) `.memory` goes to the
+    -100 elsewhere (what `longlm.training.masking` produces). With a memory `.memory` goes to the
     next segment, as for the decoder."""
 
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
@@ -649,7 +710,7 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
 
 
 def question_global_mask(input_ids: torch.LongTensor, sep_token_id: int | None) -> torch.Tensor:
-    """Longformer's convention for QA inputs `<s> question </s></s> context </s>`: global attention on every
+    """Hugging Face's convention for QA inputs `<s> question </s></s> context </s>`: global attention on every
     token before the first separator (the question and the `<s>` before it, whose logit is the null answer)."""
     if sep_token_id is None:
         raise ValueError(
@@ -670,7 +731,7 @@ def question_global_mask(input_ids: torch.LongTensor, sep_token_id: int | None) 
 class LongLMForQuestionAnswering(LongLMPreTrainedModel):
     """Extractive QA: start/end logits per token (SQuAD v2's null answer is the first token, `<s>`).
 
-    When a layer's mixer has global tokens (`sliding`, Longformer) and no `global_attention_mask` is given,
+    When a layer's mixer has global tokens (`TokenMixer.has_global_tokens`) and no `global_attention_mask` is given,
     the question tokens get global attention (`question_global_mask`), unless
     `config.question_global_attention` is False (then no token is global: window-only attention). Loads from any longlm folder,
     a decoder's too: the backbone weights carry over, the span head starts fresh.

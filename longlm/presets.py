@@ -77,7 +77,7 @@ PRESETS.register("compressive")(
 PRESETS.register("memorizing")(
     dict(
         mixer="relative",
-        knn_layers=[8],
+        layer_mixers=["relative"] * 8 + ["knn"] + ["relative"] * 3,
         memory="knn",
         mem_len=512,
         knn_memory_size=65536,
@@ -185,7 +185,7 @@ PRESETS.register("routing")(
         mixer="sliding",
         memory="none",
         attention_window=512,
-        routing_layers=[10, 11],
+        layer_mixers=["sliding"] * 10 + ["routing"] * 2,
         num_clusters=16,
         num_routing_heads=4,
         kmeans_decay=0.999,
@@ -201,17 +201,27 @@ PRESETS.register("routing")(
 )
 
 
-LAYER_LIST_FIELDS = ("knn_layers", "routing_layers")
+
+def layer_mixers_at(name: str, layers: int) -> list[str] | None:
+    """Preset `name`'s per-layer mixers for another number of layers: its `mixer` everywhere and its other
+    mixer (the Memorizing Transformer's `knn`, the Routing Transformer's `routing`) in the last layer; None
+    for a preset with one mixer in every layer."""
+    preset = PRESETS.get(name)
+    others = [mixer for mixer in preset.get("layer_mixers") or [] if mixer != preset.get("mixer")]
+    if not others:
+        return None
+    return [preset["mixer"]] * (layers - 1) + [others[-1]]
 
 
 def shrunk_preset(name: str, size: dict[str, Any], mechanism: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     """Config fields of preset `name` at another size: `size` (layers, width, ...) always applies; a
     `mechanism` value applies only where the preset sets that field (so `mem_len` shrinks a memory but gives
-    none to `full`); layer lists (`knn_layers`, `routing_layers`) move to the last layer. `overrides` last."""
+    none to `full`); per-layer mixers follow `layer_mixers_at`. `overrides` last."""
     preset = PRESETS.get(name)
     fields: dict[str, Any] = dict(size)
     fields.update({key: value for key, value in mechanism.items() if preset.get(key)})
     layers = fields.get("num_hidden_layers", preset.get("num_hidden_layers"))
-    fields.update({key: [layers - 1] for key in LAYER_LIST_FIELDS if preset.get(key)})
+    if layer_mixers_at(name, layers) is not None:
+        fields["layer_mixers"] = layer_mixers_at(name, layers)
     fields.update(overrides)
     return fields

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from longlm import LongLMConfig, LongLMForCausalLM
-from longlm.configuration_longlm import CORE_FIELD_RULES, MECHANISM_FIELD_RULES, STRUCTURED_FIELDS
+from longlm.configuration_longlm import CORE_FIELD_RULES, STRUCTURED_FIELDS, mechanism_options
 from longlm.presets import PRESETS
 from tests.paths import ENWIK8_SAMPLE, requires_shared_data
 from tests.presets_tiny import PRESET_NAMES, tiny_preset_config
@@ -238,13 +238,29 @@ def test_a_preset_bptt_depth_goes_with_its_memory():
     _refused(lambda: LongLMConfig.from_preset("rmt", **TINY, memory="none", bptt_depth=2), "bptt_depth=2", "'none'")
 
 
+def test_legacy_layer_keys_migrate_to_layer_mixers(tmp_path):
+    """Folders saved before `layer_mixers` (per-mixer layer lists) still load, as the same per-layer mixers, and
+    save the new key only."""
+    import json
+
+    legacy = {**LongLMConfig(**TINY, mixer="sliding", attention_window=4).to_dict(), "routing_layers": [1]}
+    legacy.pop("layer_mixers")
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    loaded = LongLMConfig.from_pretrained(tmp_path)
+    assert loaded.mixers == ["sliding", "routing"]
+    assert "routing_layers" not in loaded.to_dict() and loaded.to_dict()["layer_mixers"] == ["sliding", "routing"]
+    _refused(lambda: LongLMConfig(**TINY, knn_layers=[5], memory="knn"), "knn_layers", "[0, 2)")
+    _refused(lambda: LongLMConfig(**TINY, layer_mixers=["full"]), "layer_mixers", "num_hidden_layers")
+    _refused(lambda: LongLMConfig(**TINY, layer_mixers=["full", "nope"]), "nope")
+
+
 @pytest.mark.parametrize("name", ["longformer", "routing"])
 def test_odd_window_of_a_sliding_preset(name):
     _refused(lambda: tiny_preset_config(name, attention_window=9), "attention_window", "'sliding'", "9")
 
 
 GOOD_VALUES = [
-    dict(mixer="full", routing_layers=[0, 1], attention_window=7, num_routing_heads=1),  # routing: no halving rule
+    dict(mixer="full", layer_mixers=["routing", "routing"], attention_window=7, num_routing_heads=1),  # routing: no halving rule
     dict(memory="rmt", mixer="relative", num_memory_tokens=2, bptt_depth=3, position_embedding_type="none"),
     dict(head_dim=15, position_embedding_type="none"),
     dict(hidden_size=60, num_attention_heads=4, position_embedding_type="absolute"),
@@ -268,9 +284,14 @@ def test_every_field_has_a_rule():
     import dataclasses
 
     ours = {f.name for f in dataclasses.fields(LongLMConfig)} - {f.name for f in dataclasses.fields(PretrainedConfig)}
-    ruled = set(CORE_FIELD_RULES) | set(MECHANISM_FIELD_RULES) | set(STRUCTURED_FIELDS)
+    ruled = set(CORE_FIELD_RULES) | set(STRUCTURED_FIELDS)
     assert ours - ruled == set(), f"fields without a rule: {sorted(ours - ruled)}"
     assert ruled - ours == set(), f"rules for no field: {sorted(ruled - ours)}"
+    # the mechanisms' options are not dataclass fields; each carries its own rule and default
+    options = mechanism_options()
+    assert not set(options) & ours, f"options that are also core fields: {sorted(set(options) & ours)}"
+    config = LongLMConfig()
+    assert all(getattr(config, name) == spec.default for name, spec in options.items())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,8 +299,11 @@ def test_every_field_has_a_rule():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_preset_keys_are_fields(name):
+    from longlm.config_migration import LEGACY_LAYER_KEYS
+
     _ = LongLMConfig.from_preset(name)  # would raise on a key that is no field
-    assert set(PRESETS.get(name)) <= {f for f in LongLMConfig.__dataclass_fields__}
+    known = set(LongLMConfig.__dataclass_fields__) | set(mechanism_options()) | set(LEGACY_LAYER_KEYS)
+    assert set(PRESETS.get(name)) <= known
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

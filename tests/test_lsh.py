@@ -197,7 +197,7 @@ CASES = [  # (length, chunk, buckets, rounds, positions, padding)
 def test_matches_dense_reference(case, causal, fused):
     length, c, buckets, rounds, positions, padding = case
     mixer = _mixer(lsh_chunk_length=c, num_buckets=buckets, num_hashes=rounds, position_embedding_type=positions)
-    mixer.fused = fused
+    mixer.config._attn_implementation = "sdpa" if fused else "eager"
     hidden = torch.randn(2, length, D, dtype=torch.float64, requires_grad=True)
     key_mask = None
     if padding:
@@ -270,7 +270,7 @@ def _documents(length: int, layout) -> torch.Tensor:
 def test_documents_match_dense_reference(case, causal, fused, padding, layout):
     length, c, buckets, rounds, positions, _ = case
     mixer = _mixer(lsh_chunk_length=c, num_buckets=buckets, num_hashes=rounds, position_embedding_type=positions)
-    mixer.fused = fused
+    mixer.config._attn_implementation = "sdpa" if fused else "eager"
     hidden = torch.randn(2, length, D, dtype=torch.float64, requires_grad=True)
     documents = _documents(length, LAYOUTS[layout])
     key_mask = None
@@ -302,7 +302,7 @@ def test_outputs_after_a_start_ignore_everything_before_it(causal, fused, dtype,
     states from the start on leave the earlier outputs bit-identical; without `documents` they do change."""
     length, starts = 29, (9, 16)
     mixer = _mixer(num_buckets=4, num_hashes=2, lsh_chunk_length=4, position_embedding_type="rotary").to(dtype)
-    mixer.fused = fused
+    mixer.config._attn_implementation = "sdpa" if fused else "eager"
     hidden = torch.randn(2, length, D, dtype=dtype)
     documents = _documents(length, ([starts[0]], [starts[1]]))
     key_mask = None

@@ -296,7 +296,7 @@ def test_save_and_from_pretrained_give_identical_logits(knn_config, tmp_path):
     segments = [_ids(config, 2, SEG) for _ in range(3)]
     model.save_pretrained(tmp_path / "m")
     again = LongLMForCausalLM.from_pretrained(tmp_path / "m").eval()
-    assert again.config.knn_layers == [1] and again.config.memory == "knn"
+    assert again.config.mixers[1] == "knn" and again.config.memory == "knn"
     for a, b in zip(_run(model, segments)[0], _run(again, segments)[0]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -363,7 +363,7 @@ def test_pretrain_script_fits_exports_and_evaluate_reads_it(tmp_path):
     ])
     assert (root / "hf" / "config.json").exists()
     saved = json.loads((root / "hf" / "config.json").read_text())
-    assert saved["memory"] == "knn" and saved["knn_layers"] == [1]
+    assert saved["memory"] == "knn" and saved["layer_mixers"][1] == "knn" and "knn_layers" not in saved
     last = json.loads(run([
         str(REPO / "scripts" / "evaluate.py"), str(root / "hf"), "--dataset", "enwik8", "--path", str(ENWIK8_SAMPLE),
         "--split", "test", "--cache-dir", str(tmp_path / "cache"), "--tgt-len", "32", "--batch-size", "4", "--max-segments", "4",

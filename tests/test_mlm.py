@@ -165,7 +165,11 @@ MIXER_SETTINGS = {  # tiny, and really sparse at 64 tokens; mixers not listed ru
     "lsh": dict(num_buckets=4, lsh_chunk_length=16),
     "routing": dict(attention_window=16, num_clusters=4, num_routing_heads=1),
 }
-CASES = {name: {"mixer": name, **MIXER_SETTINGS.get(name, {})} for name in MIXERS.names()}
+CASES = {
+    name: {"mixer": name, **({"memory": MIXERS.get(name).requires_memory} if MIXERS.get(name).requires_memory else {}),
+           **MIXER_SETTINGS.get(name, {})}
+    for name in MIXERS.names()
+}
 CASES["rmt"] = dict(mixer="relative", memory="rmt", num_memory_tokens=4, position_embedding_type="none")
 
 

@@ -48,6 +48,15 @@ def edit_config(folder: Path, **fields) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def add_a_layer(folder: Path) -> None:
+    """config.json asks for one layer more than the weights hold (per-layer mixers, if listed, gain one more of the first)."""
+    config = json.loads((folder / "config.json").read_text())
+    layers = {"num_hidden_layers": config["num_hidden_layers"] + 1}
+    if config.get("layer_mixers"):
+        layers["layer_mixers"] = [*config["layer_mixers"], config["layer_mixers"][0]]
+    edit_config(folder, **layers)
+
+
 def other_preset(name: str) -> str:
     """A preset whose parameters differ from `name`'s (so its weights cannot fit `name`'s config)."""
     names = {n: set(LongLMForCausalLM(tiny_preset_config(n, vocab_size=VOCAB)).state_dict()) for n in PRESET_NAMES}
@@ -66,7 +75,7 @@ def test_a_folder_that_fits_loads_with_its_weights(preset, tmp_path):
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_more_layers_in_config_than_in_the_weights_is_refused(preset, tmp_path):
     folder = save_folder(tmp_path / "deeper", preset)
-    edit_config(folder, num_hidden_layers=LAYERS + 1)
+    add_a_layer(folder)
     with pytest.raises(ValueError, match=rf"do not fit its config\.json \(missing model\.layers\.{LAYERS}\.") as error:
         load_model_folder(folder)
     assert "\n" not in str(error.value) and str(folder) in str(error.value)
@@ -100,7 +109,7 @@ def test_question_answering_may_start_only_the_span_head_fresh(preset, tmp_path,
     with pytest.raises(ValueError, match=r"do not fit its config\.json \(missing qa_outputs\.bias, qa_outputs\.weight\)"):
         load_qa_model(fine_tuned)
 
-    edit_config(lm, num_hidden_layers=LAYERS + 1)
+    add_a_layer(lm)
     with pytest.raises(ValueError, match=rf"missing model\.layers\.{LAYERS}\."):
         load_qa_model(lm)
 

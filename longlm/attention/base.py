@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longlm.attention.backends import implementation_of
+from longlm.options import Option
+
 if TYPE_CHECKING:
     from longlm.attention.kv_cache import CacheSlot
+    from longlm.layers.positions import RotaryTable
     from longlm.configuration_longlm import LongLMConfig
 
 
@@ -30,6 +34,7 @@ class MixerInputs:
     at every start, so it never decreases along a row. A query may attend a key only when both carry the
     same number (block-diagonal by document); every mixer must honour it. None when no document starts
     inside the segment (then every key is in the query's document).
+    `rotary` is the forward's shared table of rotary cos/sin (`longlm.layers.positions.RotaryTable`), or None.
     `cache` is this layer's `longlm.attention.kv_cache.CacheSlot` during a cached `generate()` (only for
     mixers that declare `supports_kv_cache`): with `cache.past` set, the mixer attends [cached; new] keys
     by `cache.mask(...)` instead of the fields above, and in every cached call it writes its keys back.
@@ -43,6 +48,7 @@ class MixerInputs:
     document_starts: torch.Tensor | None = None
     documents: torch.Tensor | None = None
     cache: "CacheSlot | None" = None
+    rotary: "RotaryTable | None" = None
 
     @property
     def memory_length(self) -> int:
@@ -114,8 +120,13 @@ class TokenMixer(nn.Module):
     # the type of `MixerOutput.memory_write` this mixer returns (None: it writes nothing); a memory that reads
     # writes names the type it needs (`SegmentMemory.required_write`) and the config check enforces the match
     writes: type | None = None
+    # the memory this mixer cannot work without (it reads that memory's payload), or None; the config check
+    # refuses any other memory
+    requires_memory: str | None = None
     # `content_projections()` gives plain q/k/v projections (memories that attend through them need it)
     provides_projections: bool = False
+    # config options this mixer reads (name -> `longlm.options.Option`), set on every `LongLMConfig`
+    options: dict[str, Option] = {}
 
     def __init__(self, config: "LongLMConfig", layer_idx: int) -> None:
         super().__init__()
@@ -125,6 +136,13 @@ class TokenMixer(nn.Module):
         self.head_dim = config.head_dim
         self.inner_size = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        self.configure(config)
+
+    def configure(self, config: "LongLMConfig") -> None:
+        """Read the settings an evaluation may change (`mem_len`, `clamp_len`, `same_length`): at construction
+        and again through `model.with_memory(...)`, never during a forward."""
+        window = config.mem_len if config.same_length and config.mem_len > 0 else None
+        self.same_length_window: int | None = window
 
     @classmethod
     def check_config(cls, config: "LongLMConfig") -> None:
@@ -137,6 +155,18 @@ class TokenMixer(nn.Module):
         """The layer's query/key/value projections as detached tensors, for memories that attend through them
         (`SegmentMemory.needs_projections`); None for a mixer without them (`provides_projections` False)."""
         return None
+
+    @property
+    def attention_dropout_p(self) -> float:
+        """The attention-probability dropout of this call: `config.attention_dropout` in training, else 0."""
+        return self.config.attention_dropout if self.training else 0.0
+
+    @property
+    def attn_implementation(self) -> str:
+        """The kernel family this mixer runs (`longlm.attention.backends`): Hugging Face's
+        `config._attn_implementation`, read at every call as HF's own models do, so `set_attn_implementation`
+        and `from_pretrained(attn_implementation=...)` apply."""
+        return implementation_of(self.config)
 
     @staticmethod
     def project_with_memory(proj: nn.Module, hidden: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:

@@ -45,11 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
-from longlm.attention.kernels import attend
+from longlm.attention.backends import attend, flex_attention_kernel, uses_flex
 from longlm.attention.kv_cache import cached_step_attention
 from longlm.attention.masks import segment_attention_mask
 from longlm.attention.registry import MIXERS
-from longlm.layers.positions import apply_rotary, rotary_cos_sin
+from longlm.options import NON_NEGATIVE, POSITIVE, option
+from longlm.layers.positions import apply_rotary, rotary_for
 
 FLEX_TILE = 128  # FlexAttention's default sparse block size
 
@@ -313,19 +314,9 @@ def _same_document_slots(docs: torch.Tensor, index: torch.Tensor, b: int) -> tor
 # ----------------------------------------------------------------------------------------------------
 # CUDA: FlexAttention with a block mask built from the same block table
 # ----------------------------------------------------------------------------------------------------
-_compiled_flex: Callable | None = None
-
-
 def _flex_attention(q, k, v, block_mask, scale):
     """flex_attention, compiled on CUDA (eager elsewhere: the eager CPU kernel runs forward only)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not q.is_cuda:
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    return flex_attention_kernel(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale)
 
 
 def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,6 +439,11 @@ class BlockSparseAttention(TokenMixer):
 
     supports_attention_bias = True
     supports_kv_cache = True  # causal: a full cache, each new query masked to its blocks (`_in_pattern`)
+    options = {
+        "block_size": option(64, POSITIVE),
+        "num_random_blocks": option(3, NON_NEGATIVE),  # per query block
+        "random_blocks_seed": option(0, NON_NEGATIVE),  # of the (fixed) random plan
+    }
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -461,7 +457,6 @@ class BlockSparseAttention(TokenMixer):
         # None: segments up to `full_attention_threshold(..., causal)` tokens use exact full attention; an int
         # overrides that length (tests set 0 to force the sparse path)
         self.dense_up_to: int | None = None
-        self.use_flex = True  # on CUDA; tests switch it off to compare paths
         self._plans: dict[tuple[int | None, bool, torch.device], torch.Tensor] = {}
 
     @classmethod
@@ -525,9 +520,9 @@ class BlockSparseAttention(TokenMixer):
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(length, device=hidden.device), self.head_dim, self.config.rope_theta)
+            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.config.rope_theta, hidden.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        dropout = self.config.attention_dropout if self.training else 0.0
+        dropout = self.attention_dropout_p
         key_mask, documents = inputs.key_mask, inputs.documents
         dense_up_to = self.dense_up_to
         if dense_up_to is None:
@@ -540,12 +535,14 @@ class BlockSparseAttention(TokenMixer):
                 if key_mask is not None or documents is not None
                 else None
             )
-            out = attend(q, k, v, mask=mask, causal=inputs.causal, dropout=dropout, scale=self.scale)
+            out = attend(
+                q, k, v, mask=mask, causal=inputs.causal, dropout=dropout, scale=self.scale, implementation=self.attn_implementation,
+            )
         else:
             plan = self.random_plan(-(-length // self.block_size), inputs.causal, hidden.device)
             common = {"block_size": self.block_size, "plan": plan, "causal": inputs.causal, "key_mask": key_mask}
             common.update(scale=self.scale, documents=documents)
-            if self.use_flex and hidden.is_cuda and dropout == 0.0:
+            if uses_flex(self.attn_implementation, dropout):
                 out = flex_block_sparse_attention(q, k, v, **common)
             else:
                 out = block_sparse_attention(q, k, v, dropout=dropout, **common)
@@ -567,5 +564,7 @@ class BlockSparseAttention(TokenMixer):
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         theta = self.config.rope_theta if self.rotary else None
-        out = cached_step_attention(q, k, v, inputs.cache, pattern=self._in_pattern, scale=self.scale, rope_theta=theta)
+        out = cached_step_attention(q, k, v, inputs.cache, pattern=self._in_pattern, scale=self.scale, rope_theta=theta,
+            implementation=self.attn_implementation,
+        )
         return self.o_proj(self.merge_heads(out))

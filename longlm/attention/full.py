@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
-from longlm.attention.kernels import attend
+from longlm.attention.backends import attend
 from longlm.attention.masks import segment_attention_mask
 from longlm.attention.registry import MIXERS
 from longlm.attention.kv_cache import cached_step_attention, every_earlier_key
-from longlm.layers.positions import apply_rotary, rotary_cos_sin
+from longlm.layers.positions import apply_rotary, rotary_for
 
 
 @MIXERS.register("full")
@@ -43,10 +43,10 @@ class FullAttention(TokenMixer):
         kv = self.project_with_memory(self.kv_proj, hidden, inputs.memory)
         k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(k.shape[2], device=hidden.device), self.head_dim, self.config.rope_theta)
+            cos, sin = rotary_for(inputs.rotary, k.shape[2], self.head_dim, self.config.rope_theta, hidden.device)
             q = apply_rotary(q, cos[memory_length:], sin[memory_length:])
             k = apply_rotary(k, cos, sin)
-        window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None
+        window = self.same_length_window
         needs_mask = inputs.key_mask is not None or window is not None or inputs.documents is not None
         mask = (
             segment_attention_mask(
@@ -61,8 +61,10 @@ class FullAttention(TokenMixer):
             if needs_mask
             else None
         )
-        dropout = self.config.attention_dropout if self.training else 0.0
-        out = attend(q, k, v, mask=mask, causal=inputs.causal, dropout=dropout, scale=self.scale)
+        dropout = self.attention_dropout_p
+        out = attend(
+            q, k, v, mask=mask, causal=inputs.causal, dropout=dropout, scale=self.scale, implementation=self.attn_implementation,
+        )
         if inputs.cache is not None:  # the prompt of a cached generate(): keep its keys for the next steps
             inputs.cache.write(k, v)
         return self.o_proj(self.merge_heads(out))
@@ -72,5 +74,7 @@ class FullAttention(TokenMixer):
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         theta = self.config.rope_theta if self.rotary else None
-        out = cached_step_attention(q, k, v, inputs.cache, pattern=every_earlier_key, scale=self.scale, rope_theta=theta)
+        out = cached_step_attention(q, k, v, inputs.cache, pattern=every_earlier_key, scale=self.scale, rope_theta=theta,
+            implementation=self.attn_implementation,
+        )
         return self.o_proj(self.merge_heads(out))

@@ -150,6 +150,7 @@ class KNNAttention(RelativeAttention):
     """Relative local attention plus gated attention over the top-k pairs retrieved from the kNN store."""
 
     writes = KNNEntries
+    requires_memory = "knn"
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -160,7 +161,7 @@ class KNNAttention(RelativeAttention):
     def check_config(cls, config) -> None:
         if config.memory != "knn":
             raise ValueError(
-                f"The knn mixer (knn_layers={config.knn_layers}) needs memory='knn', which keeps the store it "
+                f"The knn mixer (layer_mixers={config.mixers}) needs memory='knn', which keeps the store it "
                 f"retrieves from; got memory='{config.memory}'."
             )
         check_knn_fields(config)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from longlm.attention.kernels import attend
+from longlm.attention.backends import attend
 from longlm.layers.positions import rotate_at
 from longlm.memory.base import MemoryState
 
@@ -126,6 +126,7 @@ def cached_step_attention(
     scale: float,
     rope_theta: float | None,
     span: int | None = None,
+    implementation: str = "sdpa",
 ) -> torch.Tensor:
     """The attention of a cached step: the call's q, k, v (B, H, L, Dh) before positions (rotary at each
     token's own position when `rope_theta` is given), [cached; new] keys masked by `pattern`, and the cache
@@ -135,7 +136,7 @@ def cached_step_attention(
     keys, values = slot.keys_values(k, v)
     mask = slot.mask(pattern)
     slot.write(keys, values, span=span)
-    return attend(q, keys, values, mask=mask, causal=False, scale=scale)
+    return attend(q, keys, values, mask=mask, causal=False, scale=scale, implementation=implementation)
 
 
 def every_earlier_key(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longlm.attention.backends import fused_cpu_attention, fused_cpu_attention_backward, uses_fused_cpu_chunks
 from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.registry import MIXERS
+from longlm.options import NON_NEGATIVE, POSITIVE, option
 from longlm.attention.sorting import ranks_in_order, ranks_in_sorted_groups
-from longlm.layers.positions import apply_rotary, rotary_cos_sin, rotate_at
+from longlm.layers.positions import apply_rotary, rotary_for, rotate_at
 from longlm.layers.recompute import is_recomputing
 
 NORM_EPS = 1e-6
@@ -77,12 +79,18 @@ def draw_rotations(num_heads: int, head_dim: int, num_hashes: int, num_buckets: 
 class LSHAttention(TokenMixer):
     """Shared-QK LSH attention; `num_buckets`, `num_hashes`, `lsh_chunk_length` from the config.
 
-    `fused` (default True) runs the chunks through PyTorch's fused CPU attention kernel when it applies
-    (CPU, no attention dropout); False forces the plain autograd path (tests compare the two).
+    With attn_implementation "sdpa" (the default) the chunks run through PyTorch's fused CPU attention kernel
+    when it applies (CPU, no attention dropout); "eager" forces the plain autograd path (tests compare the
+    two); `longlm.attention.backends` decides.
     """
 
-    fused: bool = True
     supports_kv_cache = True  # causal: every cached key with its buckets and ranks (`_cached_step`)
+    options = {
+        "num_buckets": option(32, POSITIVE),
+        "num_hashes": option(1, POSITIVE),
+        "lsh_chunk_length": option(64, POSITIVE),
+        "lsh_hash_seed": option(0, NON_NEGATIVE),  # of the fixed random rotations (layer i uses lsh_hash_seed + i)
+    }
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -157,7 +165,7 @@ class LSHAttention(TokenMixer):
         x = self.split_heads(self.qk_proj(hidden))
         v = self.split_heads(self.v_proj(hidden))
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(length, device=hidden.device), head_dim, self.config.rope_theta)
+            cos, sin = rotary_for(inputs.rotary, length, head_dim, self.config.rope_theta, hidden.device)
             x = apply_rotary(x, cos, sin)
         padded = -(-length // c) * c
         buckets, sentinel = self.buckets(x), self.num_buckets
@@ -185,8 +193,8 @@ class LSHAttention(TokenMixer):
                     plan.order, plan.sorted_buckets, self_bias, sentinel, c, has_invalid, sorted_documents
                 )
         packed = packed.index_select(0, plan.window_rows).view(plan.rows, -1, 3 * head_dim)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        if self.fused and fused_attention_usable(packed) and not dropout:
+        dropout = self.attention_dropout_p
+        if uses_fused_cpu_chunks(self.attn_implementation, packed, dropout):
             out = FusedChunkAttention.apply(packed, bias, plan)
         else:
             out = chunk_attention(packed, bias, plan, dropout)
@@ -365,14 +373,6 @@ def chunk_attention(packed, bias, plan: SortPlan, dropout: float = 0.0):
     return unsort_and_combine(torch.matmul(probs, v), lse, plan)[0]
 
 
-_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-def fused_attention_usable(packed: torch.Tensor) -> bool:
-    return _flash is not None and packed.device.type == "cpu" and packed.dtype in (torch.float32, torch.float64, torch.bfloat16)
-
-
 class FusedChunkAttention(torch.autograd.Function):
     """PyTorch's fused CPU attention kernel over the chunks; scores are never stored.
 
@@ -384,7 +384,7 @@ class FusedChunkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, packed, bias, plan: SortPlan):
         q, k, v = chunk_views(packed, plan)
-        out, lse = _flash(q, k, v, 0.0, False, attn_mask=bias, scale=1.0)
+        out, lse = fused_cpu_attention(q, k, v, bias, scale=1.0)
         combined, weights = unsort_and_combine(out, lse, plan)
         # the combined output in sorted order (for one round that is the kernel's own output)
         ctx.save_for_backward(packed, bias, lse, weights, out if weights is None else combined)
@@ -403,7 +403,7 @@ class FusedChunkAttention(torch.autograd.Function):
         grad_sorted = grad.reshape(-1, head_dim).index_select(0, plan.unsort_rows).view(q.shape)
         # the round weights are float32; the kernel wants its grad and output in the inputs' dtype (bf16 training)
         grad_sorted, out = grad_sorted.to(q.dtype), out.to(q.dtype)
-        dq, dk, dv = _flash_backward(grad_sorted, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=1.0)
+        dq, dk, dv = fused_cpu_attention_backward(grad_sorted, q, k, v, out, lse, bias, scale=1.0)
         d_packed = torch.empty_like(packed)
         length = q.shape[1] * c
         d_packed[:, : extra * c, :head_dim].zero_()

@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
-from longlm.attention.kernels import attend
+from longlm.attention.backends import attend
 from longlm.attention.masks import segment_attention_mask
 from longlm.attention.registry import MIXERS
 from longlm.layers.positions import sinusoid_table
@@ -54,6 +54,10 @@ class RelativeAttention(TokenMixer):
     def content_projections(self) -> ContentProjections:
         return ContentProjections.of(self.q_proj, self.kv_proj, self.num_heads, self.head_dim)
 
+    def configure(self, config) -> None:
+        super().configure(config)
+        self.clamp_len: int | None = config.clamp_len
+
     def init_extra_parameters(self, init_normal) -> None:
         init_normal(self.content_bias)
         init_normal(self.position_bias)
@@ -64,7 +68,7 @@ class RelativeAttention(TokenMixer):
         The scale is applied to the (B, H, L, Dh) side, which is smaller than the (B, H, L, K) result."""
         query_length = q.shape[-2]
         distances = relative_distances(query_length, key_length, causal, q.device)
-        clamp = self.config.clamp_len
+        clamp = self.clamp_len
         if clamp is not None:
             distances = distances.clamp(min=-clamp, max=clamp)
         table = sinusoid_table(distances, self.config.hidden_size).to(q.dtype)
@@ -84,7 +88,7 @@ class RelativeAttention(TokenMixer):
         k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))
         key_length = k.shape[2]
         bias = self.position_scores(q, key_length, inputs.causal, scale=self.scale)
-        window = self.config.mem_len if self.config.same_length and self.config.mem_len > 0 else None
+        window = self.same_length_window
         mask = segment_attention_mask(
             query_length,
             inputs.memory_length,
@@ -94,8 +98,9 @@ class RelativeAttention(TokenMixer):
             documents=inputs.documents,
             device=hidden.device,
         )
-        dropout = self.config.attention_dropout if self.training else 0.0
+        dropout = self.attention_dropout_p
         out = attend(
-            q + self.content_bias[:, None, :], k, v, mask=mask, bias=bias, causal=inputs.causal, dropout=dropout, scale=self.scale
+            q + self.content_bias[:, None, :], k, v, mask=mask, bias=bias, causal=inputs.causal, dropout=dropout, scale=self.scale,
+            implementation=self.attn_implementation,
         )
         return out, q, k, v

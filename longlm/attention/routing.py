@@ -54,11 +54,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from longlm.attention.base import MixerInputs, TokenMixer
-from longlm.attention.kernels import attend
+from longlm.attention.backends import attend, uses_flex
 from longlm.attention.registry import MIXERS
 from longlm.attention.sorting import ranks_in_order
-from longlm.attention.windowed import check_window, is_int, layer_window, windowed_attention
-from longlm.layers.positions import apply_rotary, rotary_cos_sin, rotate_at
+from longlm.attention.windowed import ATTENTION_WINDOW, check_window, is_int, layer_window, windowed_attention
+from longlm.options import POSITIVE, Option, is_number, option
+from longlm.layers.positions import apply_rotary, rotary_for, rotate_at
 from longlm.layers.recompute import is_recomputing
 
 _MAX_BLOCK = 64  # largest query block of the band (see `_grouped_band`)
@@ -289,6 +290,12 @@ class RoutingAttention(TokenMixer):
     """
 
     supports_kv_cache = True  # causal: every cached key with its cluster and rank (`_cached_step`)
+    options = {
+        "attention_window": ATTENTION_WINDOW,  # the local heads' window
+        "num_clusters": option(8, POSITIVE),
+        "num_routing_heads": option(2, POSITIVE),
+        "kmeans_decay": Option(0.999, lambda v: is_number(v) and 0.0 < v < 1.0, "a number in (0, 1)"),
+    }
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -340,7 +347,7 @@ class RoutingAttention(TokenMixer):
         key_mask = inputs.key_mask
         update = self.training and not is_recomputing()
         centroids = self._centroids_for_pass(update)
-        dropout = self.config.attention_dropout if self.training else 0.0
+        dropout = self.attention_dropout_p
 
         q = self.split_heads(self.q_proj(hidden))
         v = self.split_heads(self.v_proj(hidden))
@@ -349,7 +356,7 @@ class RoutingAttention(TokenMixer):
         local_q = q[:, routing:]
         local_k = self._heads(self.k_proj(hidden), self.num_local_heads) if self.k_proj is not None else None
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(hidden.shape[1], device=hidden.device), self.head_dim, self.config.rope_theta)
+            cos, sin = rotary_for(inputs.rotary, hidden.shape[1], self.head_dim, self.config.rope_theta, hidden.device)
             shared = apply_rotary(shared, cos, sin)
             if local_k is not None:
                 local_q, local_k = apply_rotary(local_q, cos, sin), apply_rotary(local_k, cos, sin)
@@ -360,7 +367,8 @@ class RoutingAttention(TokenMixer):
         )
         outs = [routing_attention(shared, v[:, :routing], unit, centroids, **kwargs)]
         if local_k is not None:
-            outs.append(windowed_attention(local_q, local_k, v[:, routing:], **kwargs))
+            backend = "flex" if uses_flex(self.attn_implementation, dropout) else "blocked"
+            outs.append(windowed_attention(local_q, local_k, v[:, routing:], backend=backend, **kwargs))
         if inputs.cache is not None:  # the prompt of a cached generate(): keys, clusters and ranks
             with torch.no_grad():
                 slots, groups = causal_slots(unit, centroids, key_mask, inputs.documents)
@@ -402,5 +410,7 @@ class RoutingAttention(TokenMixer):
         keys, values = slot.keys_values(new_keys, v)
         mask = slot.mask(pattern)
         slot.write(keys, values, extras=(all_clusters, all_ranks))
-        out = attend(queries, keys, values, mask=mask, causal=False, scale=self.scale)
+        out = attend(
+            queries, keys, values, mask=mask, causal=False, scale=self.scale, implementation=self.attn_implementation,
+        )
         return self.o_proj(self.merge_heads(out))

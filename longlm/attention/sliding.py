@@ -24,11 +24,12 @@ from torch import nn
 
 from longlm.attention.base import ContentProjections, MixerInputs, TokenMixer
 from longlm.attention.documents import same_document
-from longlm.attention.kernels import attend
+from longlm.attention.backends import attend, uses_flex
 from longlm.attention.kv_cache import cached_step_attention
 from longlm.attention.registry import MIXERS
-from longlm.attention.windowed import check_window, is_int, layer_window, windowed_attention
-from longlm.layers.positions import apply_rotary, rotary_cos_sin
+from longlm.attention.windowed import ATTENTION_WINDOW, check_window, is_int, layer_window, windowed_attention
+from longlm.options import Option, int_or_int_list, positive_int
+from longlm.layers.positions import apply_rotary, rotary_for
 
 
 def layer_dilation(config, layer_idx: int) -> int | list[int]:
@@ -83,6 +84,13 @@ class SlidingWindowAttention(TokenMixer):
     supports_attention_bias = True
     has_global_tokens = True
     supports_kv_cache = True  # causal and without global tokens: a rolling cache of the window (`_cached_step`)
+    options = {
+        "attention_window": ATTENTION_WINDOW,  # total window w: each token sees w // 2 keys on each side
+        # one int, one per head, or one per layer of those
+        "attention_dilation": Option(
+            1, lambda v: int_or_int_list(v, positive_int), "a positive integer or a list of one per head or per layer"
+        ),
+    }
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -103,6 +111,18 @@ class SlidingWindowAttention(TokenMixer):
                 f"The 'sliding' mixer attends within the segment only, so it needs mem_len=0, got mem_len={config.mem_len}."
             )
         check_window_fields(config, "sliding")
+        # w/2 keys on each side (Longformer's convention, which HF's Longformer enforces): an odd w would
+        # silently act as w - 1
+        for index in range(config.num_hidden_layers):
+            if config.mixers[index] != "sliding":
+                continue
+            window = config.attention_window
+            where, value = ("", window) if is_int(window) else (f"[{index}]", window[index])
+            if is_int(value) and value % 2:
+                raise ValueError(
+                    f"LongLMConfig.attention_window{where} must be even for the 'sliding' mixer (w/2 keys on each "
+                    f"side, Longformer's convention), got {value}."
+                )
 
     provides_projections = True
 
@@ -124,13 +144,13 @@ class SlidingWindowAttention(TokenMixer):
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         cos = sin = None
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(length, device=hidden.device), self.head_dim, self.config.rope_theta)
+            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.config.rope_theta, hidden.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        dropout = self.config.attention_dropout if self.training else 0.0
+        dropout = self.attention_dropout_p
         documents = inputs.documents
         common = dict(
             one_sided=self.one_sided, causal=inputs.causal, scale=self.scale, dilation=self.dilation, dropout=dropout,
-            documents=documents,
+            documents=documents, backend="flex" if uses_flex(self.attn_implementation, dropout) else "blocked",
         )
         if inputs.global_mask is None:
             out = windowed_attention(q, k, v, key_mask=inputs.key_mask, **common)
@@ -178,7 +198,8 @@ class SlidingWindowAttention(TokenMixer):
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         theta = self.config.rope_theta if self.rotary else None
         out = cached_step_attention(
-            q, k, v, inputs.cache, pattern=self._in_window, scale=self.scale, rope_theta=theta, span=self._cache_span
+            q, k, v, inputs.cache, pattern=self._in_window, scale=self.scale, rope_theta=theta, span=self._cache_span,
+            implementation=self.attn_implementation,
         )
         return self.o_proj(self.merge_heads(out))
 
@@ -200,7 +221,9 @@ class SlidingWindowAttention(TokenMixer):
         if documents is not None:
             mask = mask & same_document(documents.gather(1, positions), documents)
         mask = mask[:, None]  # (B, 1, G, L)
-        out = attend(q, k, v, mask=mask, causal=False, dropout=dropout, scale=self.scale)
+        out = attend(
+            q, k, v, mask=mask, causal=False, dropout=dropout, scale=self.scale, implementation=self.attn_implementation,
+        )
         return self.merge_heads(out)
 
 

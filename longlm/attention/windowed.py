@@ -21,11 +21,19 @@ The "flex" backend runs the same pattern through FlexAttention with a block-spar
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from longlm.attention.backends import flex_attention_kernel
+
+from longlm.options import Option, int_or_int_list, positive_int
+
+# the window of the windowed mixers (`sliding`, `routing`'s local heads): one int, or one per layer
+ATTENTION_WINDOW = Option(
+    512, lambda v: int_or_int_list(v, positive_int), "a positive integer or a list of one per layer"
+)
 
 _CAUSAL_BLOCK = 64  # query block of the causal band: the span is c + w keys for w + 1 needed
 
@@ -72,7 +80,7 @@ def windowed_attention(
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str = "blocked",
     block_size: int | None = None,
     documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -82,9 +90,8 @@ def windowed_attention(
     int per head. `extra_k`, `extra_v` (B, H, G, Dh) are keys every query may attend besides its band, with
     `extra_mask` broadcastable to (B, H, L, G) (True = attend; None = all); they share the softmax with the
     band. `dropout` is applied to the attention probabilities. `backend`: "blocked" (batched SDPA over
-    blocks, any device), "flex" (FlexAttention with a block-sparse mask; no dropout; compiled on CUDA, eager
-    and slow elsewhere, which only tests use) or "auto" = flex on CUDA when available and dropout is 0, else
-    blocked. `block_size` overrides the blocked backend's query block (default: w, or min(w, 64) causal).
+    blocks, any device) or "flex" (FlexAttention with a block-sparse mask; no dropout; compiled on CUDA, eager
+    and slow elsewhere, which only tests use); mixers choose through `longlm.attention.backends`. `block_size` overrides the blocked backend's query block (default: w, or min(w, 64) causal).
     `documents` (B, L) long (`MixerInputs.documents`): a query sees only band keys of its own document (the
     caller folds the rule into `extra_mask` for extra keys).
     """
@@ -93,22 +100,13 @@ def windowed_attention(
         raise ValueError(f"windowed_attention: one_sided must be a non-negative integer, got {one_sided!r}.")
     if (extra_k is None) != (extra_v is None):
         raise ValueError("windowed_attention: pass extra_k and extra_v together, or neither.")
-    if backend not in ("auto", "blocked", "flex"):
-        raise ValueError(f"windowed_attention: backend must be 'auto', 'blocked' or 'flex', got {backend!r}.")
+    if backend not in ("blocked", "flex"):
+        raise ValueError(f"windowed_attention: backend must be 'blocked' or 'flex', got {backend!r}.")
     per_head = [dilation] * heads if isinstance(dilation, int) else [int(x) for x in dilation]
     if len(per_head) != heads or min(per_head) <= 0:
         raise ValueError(
             f"windowed_attention: dilation must be a positive integer or one per head ({heads}), got {dilation!r}."
         )
-    if backend == "auto" and dropout == 0.0 and q.is_cuda and flex_available():
-        try:
-            return flex_windowed(
-                q, k, v, one_sided=one_sided, dilation=per_head, causal=causal, scale=scale, key_mask=key_mask,
-                extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask, documents=documents,
-            )
-        except Exception as error:  # e.g. no Triton for this GPU: say so once, then stay on the blocked path
-            _flex_state["broken"] = True
-            warnings.warn(f"FlexAttention failed ({error!r}); sliding-window attention uses the blocked path.")
     if backend == "flex":
         if dropout > 0.0:
             raise ValueError("windowed_attention: the flex backend has no attention dropout; use backend='blocked'.")
@@ -205,26 +203,15 @@ def _banded(
 # --------------------------------------------------------------------------------------------------
 _FLEX_BLOCK = 128
 _EXTRA_MULTIPLE = 64  # extra keys are padded (masked) to a multiple of this, so few shapes get compiled
-_flex_state: dict = {"compiled": None, "broken": False}
 
 
 def flex_available() -> bool:
+    """Whether this torch build has FlexAttention."""
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except ImportError:
         return False
-    return not _flex_state["broken"]
-
-
-def _flex_kernel(on_cuda: bool):
-    """Compiled FlexAttention on CUDA (the fused kernel); eager elsewhere (a slow dense reference, tests only)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not on_cuda:
-        return flex_attention
-    if _flex_state["compiled"] is None:
-        _flex_state["compiled"] = torch.compile(flex_attention)
-    return _flex_state["compiled"]
+    return True
 
 
 def flex_block_mask(
@@ -291,4 +278,4 @@ def flex_windowed(
         batch, heads, length, one_sided=one_sided, dilation=dilation, causal=causal, key_mask=key_mask, extra=extra,
         extra_mask=extra_mask, device=q.device, documents=documents,
     )
-    return _flex_kernel(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale)
+    return flex_attention_kernel(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale)

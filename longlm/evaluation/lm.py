@@ -70,14 +70,10 @@ def evaluate_stream(
     if mem_len is not None and mem_len < 0:
         raise ValueError(f"mem_len must be a non-negative integer, got {mem_len}.")
     check_split_fills_a_segment(split, tgt_len, batch_size)
-    config = model.config
-    saved = (config.mem_len, config.clamp_len, config.same_length)
-    if mem_len is not None:
-        config.mem_len = mem_len
-    if clamp_len is not None:
-        config.clamp_len = clamp_len
-    if same_length is not None:
-        config.same_length = same_length
+    asked = {"mem_len": mem_len, "clamp_len": clamp_len, "same_length": same_length}
+    asked = {name: value for name, value in asked.items() if value is not None}
+    saved = {name: getattr(model.config, name) for name in asked}
+    model.with_memory(**asked)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -100,7 +96,7 @@ def evaluate_stream(
                 nll_parts.append(nll.cpu().numpy())
                 index_parts.append((first + np.arange(width)[None, :]).reshape(-1))
     finally:
-        config.mem_len, config.clamp_len, config.same_length = saved
+        model.with_memory(**saved)
         model.train(was_training)
     result: dict[str, Any] = {"nll": total, "tokens_scored": count, "tokens_total": int(len(split.tokens))}
     if token_losses:

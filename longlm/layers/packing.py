@@ -1,7 +1,7 @@
 """Padding moved out of the way: every row's real positions first, in order, padding after them.
 
-Why: a pattern that counts positions from the start of the sequence (BigBird's blocks, rotary-rotated LSH
-buckets, RMT's memory tokens around the text, absolute positions) then counts them from each row's first
+Why: a pattern that counts positions from the start of the sequence (fixed blocks, buckets of rotated
+vectors, memory tokens around the text, absolute positions) then counts them from each row's first
 real token, so a padded row computes exactly what the row alone computes. The skeleton packs the extended
 sequence before the layers and unpacks what they return; nothing mechanism-specific is involved.
 """

@@ -1,5 +1,5 @@
 """Whether the current forward is a recomputation (reversible blocks' backward), so mixers with side
-effects in training (e.g. routing's EMA centroid updates) apply them once per step, not twice."""
+effects in training (e.g. EMA centroid updates) apply them once per step, not twice."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Reversible residual blocks (Gomez et al. 2017, as used by the Reformer).
+"""Reversible residual blocks (Gomez et al. 2017; Kitaev et al. 2020 use them for long inputs).
 
 The hidden state is carried as two streams, both starting as the embeddings:
     y1 = x1 + F(x2)        F = the block's mixer branch   (dropout(mixer(norm(x))))

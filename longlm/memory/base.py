@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
+from longlm.options import Option
+
 if TYPE_CHECKING:
     from longlm.attention.base import ContentProjections
     from longlm.layers.packing import PackedRows
@@ -101,12 +103,26 @@ class SegmentMemory(nn.Module):
     # generate() may cache the mixers' keys/values (`longlm.attention.kv_cache`) when the memory adds no
     # state of its own that each step would have to read
     allows_kv_cache: bool = False
-    # the number of states it keeps is `config.mem_len`, read at every step (so an evaluation may change it)
+    # the number of states it keeps is `mem_len` (an evaluation may change it: `model.with_memory(mem_len=...)`)
     sized_by_mem_len: bool = False
+    # its own options that `model.with_memory(...)` may change after construction (besides mem_len & co.)
+    reconfigurable_options: tuple[str, ...] = ()
+    # its state keeps the graph between segments, so `bptt_depth` > 1 backpropagates through it (the others
+    # detach what they carry)
+    backpropagates_through_state: bool = False
+    # config options this memory reads (name -> `longlm.options.Option`), set on every `LongLMConfig`
+    options: dict[str, Option] = {}
 
     def __init__(self, config: "LongLMConfig") -> None:
         super().__init__()
         self.config = config
+        self.mem_len: int = config.mem_len
+        self.configure(config)
+
+    def configure(self, config: "LongLMConfig") -> None:
+        """Read the settings an evaluation may change (`mem_len`, `reconfigurable_options`): at construction and
+        again through `model.with_memory(...)`, never during a forward. Raises when this memory cannot take them."""
+        self.mem_len = config.mem_len
 
     @classmethod
     def check_config(cls, config: "LongLMConfig") -> None:

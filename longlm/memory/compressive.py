@@ -48,6 +48,7 @@ from torch import nn
 from longlm.attention.base import ContentProjections
 from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass, last_document_tokens
 from longlm.memory.registry import MEMORIES
+from longlm.options import NON_NEGATIVE, is_str, option, positive_int_or_none
 from longlm.registry import Registry
 
 COMPRESSIONS: Registry[type] = Registry("compression_fn")
@@ -213,6 +214,12 @@ class _Cut:
 @MEMORIES.register("compressive")
 class CompressiveMemory(SegmentMemory):
     sized_by_mem_len = True
+    reconfigurable_options = ("cmem_len",)
+    options = {
+        "cmem_len": option(0, NON_NEGATIVE),
+        "compression_rate": option(None, (positive_int_or_none, "a positive integer or None")),
+        "compression_fn": option("conv", (is_str, "a compression name")),
+    }
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -259,22 +266,17 @@ class CompressiveMemory(SegmentMemory):
         compression = COMPRESSIONS.get(config.compression_fn)
         return compression.learned or compression.needs_usage
 
-    @property
-    def mem_len(self) -> int:
-        """Read from the config at every use, so an evaluation that sets a longer `mem_len` gets it."""
-        return self.config.mem_len
-
-    @property
-    def cmem_len(self) -> int:
-        """Read from the config at every use, like `mem_len`; a model built without compressed memory has no
-        compression weights, so it cannot be given one afterwards."""
-        cmem_len = self.config.cmem_len
-        if cmem_len > 0 and len(self.compress) == 0:
+    def configure(self, config) -> None:
+        """`mem_len` and `cmem_len` (an evaluation may lengthen both); a model built without compressed memory has
+        no compression weights, so it cannot be given one afterwards."""
+        super().configure(config)
+        built = getattr(self, "compress", None)  # None while __init__ has not built the compressions yet
+        if built is not None and config.cmem_len > 0 and len(built) == 0:
             raise ValueError(
-                f"cmem_len={cmem_len} was set on a model built with cmem_len=0, which has no compression weights; "
-                "expected cmem_len=0 for this model."
+                f"cmem_len={config.cmem_len} was asked of a model built with cmem_len=0, which has no compression "
+                "weights; expected cmem_len=0 for this model."
             )
-        return cmem_len
+        self.cmem_len: int = config.cmem_len
 
     @property
     def carries_context(self) -> bool:

@@ -2,7 +2,7 @@
 
 - With `mem_len > 0`, every layer keeps the Transformer-XL cache of its last `mem_len` inputs (this class
   *is* an `XLMemory`; the cache behaves exactly as `memory="xl"`).
-- Each `knn` layer (`config.knn_layers`) also has, per batch row, a store of the (unit key, value) pairs of
+- Each `knn` layer (the layers whose `config.layer_mixers` entry is `knn`) also has, per batch row, a store of the (unit key, value) pairs of
   up to `knn_memory_size` past tokens (oldest dropped first) with a validity mask. The store holds no
   gradient. It is handed to the layer's `knn` mixer as `MixerInputs.payload` (a `KNNStore`).
 
@@ -33,12 +33,13 @@ import torch
 from longlm.attention.knn import KNNEntries, KNNStore, check_knn_fields
 from longlm.memory.base import SegmentPass
 from longlm.memory.registry import MEMORIES
+from longlm.options import POSITIVE, is_str, option
 from longlm.memory.xl import XLMemory, XLMemoryState
 
 
 @dataclasses.dataclass
 class KNNMemoryState(XLMemoryState):
-    """XL fields plus, per knn layer j (in `config.knn_layers` order), `keys[j]`/`values[j]` (B, H, S, Dh)
+    """XL fields plus, per knn layer j (in layer order), `keys[j]`/`values[j]` (B, H, S, Dh)
     and one `store_valid` (B, S) shared by the knn layers (they store the same tokens)."""
 
     keys: tuple[torch.Tensor, ...] = ()
@@ -72,6 +73,11 @@ class KNNMemoryState(XLMemoryState):
         return KNNStore(self.keys[position], self.values[position], self.store_valid)
 
 
+def knn_layers(config) -> list[int]:
+    """The layers whose mixer is `knn` (they fill and read the store)."""
+    return [index for index, name in enumerate(config.mixers) if name == "knn"]
+
+
 def _append_last(old: torch.Tensor | None, new: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """The last `size` entries of [old; new] along `dim`, as a fresh tensor (no view of a larger buffer)."""
     new = new.detach()
@@ -83,21 +89,27 @@ def _append_last(old: torch.Tensor | None, new: torch.Tensor, size: int, dim: in
 
 @MEMORIES.register("knn")
 class KNNMemory(XLMemory):
+    options = {
+        "knn_memory_size": option(65536, POSITIVE),  # (key, value) pairs per row and knn layer
+        "knn_top_k": option(32, POSITIVE),
+        "knn_backend": option("torch", (is_str, "a kNN backend name")),
+    }
     @classmethod
     def check_config(cls, config) -> None:
-        if not config.knn_layers:
+        if not knn_layers(config):
             raise ValueError(
-                "memory='knn' needs at least one knn layer to fill its store; set knn_layers (e.g. [9] for layer 9)."
+                "memory='knn' needs at least one knn layer to fill its store; set layer_mixers with 'knn' in at least "
+                "one layer, for example layer_mixers=['relative', 'knn']."
             )
         check_knn_fields(config)
 
     @property
     def knn_layers(self) -> list[int]:
-        return list(self.config.knn_layers or [])
+        return knn_layers(self.config)
 
     @classmethod
     def required_write(cls, config, layer_idx: int) -> type | None:
-        return KNNEntries if layer_idx in (config.knn_layers or []) else None
+        return KNNEntries if layer_idx in knn_layers(config) else None
 
     def mixer_payload(self, state: KNNMemoryState | None, layer_idx: int) -> KNNStore | None:
         if state is None or layer_idx not in self.knn_layers:

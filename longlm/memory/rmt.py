@@ -33,6 +33,7 @@ from torch import nn
 
 from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass
 from longlm.memory.registry import MEMORIES
+from longlm.options import NON_NEGATIVE, option
 
 
 @dataclasses.dataclass
@@ -56,6 +57,8 @@ class RMTMemoryState(MemoryState):
 @MEMORIES.register("rmt")
 class RMTMemory(SegmentMemory):
     carries_context = False  # the memory summarises earlier segments; it cannot stand in for their tokens
+    backpropagates_through_state = True  # `bptt_depth` segments per gradient window
+    options = {"num_memory_tokens": option(0, NON_NEGATIVE)}
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -61,7 +61,7 @@ class XLMemory(SegmentMemory):
     @property
     def carries_context(self) -> bool:
         """Only a memory that keeps states (mem_len > 0) can stand in for the earlier tokens."""
-        return self.config.mem_len > 0
+        return self.mem_len > 0
 
     def context(self, state: XLMemoryState | None, layer_idx: int):
         if state is None or state.length == 0:
@@ -75,7 +75,7 @@ class XLMemory(SegmentMemory):
 
     def update(self, state: XLMemoryState | None, segment: SegmentPass) -> XLMemoryState:
         layer_inputs, token_mask = segment.layer_inputs, segment.token_mask
-        mem_len = self.config.mem_len
+        mem_len = self.mem_len
         batch, length = layer_inputs[0].shape[:2]
         device = layer_inputs[0].device
         new_valid = torch.ones(batch, length, dtype=torch.bool, device=device) if token_mask is None else token_mask.bool()
@@ -101,7 +101,7 @@ class XLMemory(SegmentMemory):
     def _packed_update(self, previous, layer_inputs, new_valid, num_tokens: int, document_starts) -> XLMemoryState:
         """The update of a padded segment: [cache; segment] with every row's invalid slots moved before its
         valid ones (order kept), then the last `mem_len`, so a padded row caches what the row alone caches."""
-        mem_len = self.config.mem_len
+        mem_len = self.mem_len
         valid = new_valid
         if document_starts is not None and bool(document_starts.any()):
             valid = valid & _after_last_start(document_starts, valid.shape[1])

@@ -1,0 +1,50 @@
+"""Keys of older `config.json` files (and older YAML/preset kwargs) mapped onto today's config.
+
+Until the plug-contract change, two mixers had their own per-layer keys: `knn_layers` (Memorizing
+Transformer) and `routing_layers` (Routing Transformer) listed the layers that used that mixer instead of
+`mixer`. Today one list, `layer_mixers` (Hugging Face's `layer_types` idea), gives every layer's mixer. This module is the
+only place that knows the old keys; the config core calls `migrate_config_dict` before anything else.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# old key -> the mixer it put in the layers it listed
+LEGACY_LAYER_KEYS = {"knn_layers": "knn", "routing_layers": "routing"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def migrate_config_dict(kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
+    """`kwargs` without the legacy keys, with `config.layer_mixers` set from them (one sentence per bad value)."""
+    legacy = {key: kwargs.pop(key) for key in list(kwargs) if key in LEGACY_LAYER_KEYS}
+    legacy = {key: value for key, value in legacy.items() if value}  # None / [] put no mixer anywhere
+    if not legacy:
+        return kwargs
+    layers = config.num_hidden_layers
+    if config.layer_mixers is not None:
+        raise ValueError(
+            f"LongLMConfig got both layer_mixers and {sorted(legacy)}; expected layer_mixers alone (one mixer per layer)."
+        )
+    if not (_is_int(layers) and layers > 0) or not isinstance(config.mixer, (str, list, tuple)):
+        return kwargs  # the core check names the bad num_hidden_layers / mixer
+    types = [config.mixer] * layers if isinstance(config.mixer, str) else list(config.mixer)
+    if len(types) != layers:
+        return kwargs
+    claimed: dict[int, str] = {}
+    for key, indices in legacy.items():
+        if not isinstance(indices, (list, tuple)) or not all(_is_int(i) for i in indices):
+            raise ValueError(f"LongLMConfig.{key} must be None or a list of layer indices, got {indices!r}.")
+        for index in indices:
+            if not 0 <= index < layers:
+                raise ValueError(f"LongLMConfig.{key} holds {index!r}, not a layer index in [0, {layers}).")
+            if index in claimed:
+                raise ValueError(
+                    f"LongLMConfig.{claimed[index]} and {key} name the same layer {index}; a layer has one mixer."
+                )
+            claimed[index] = key
+            types[index] = LEGACY_LAYER_KEYS[key]
+    config.layer_mixers = types
+    return kwargs
