@@ -201,6 +201,25 @@ PRESETS.register("routing")(
 )
 
 
+# Munkhdalai et al. 2024, long-context LM: 12 layers, 8 heads of 128, FFN 4096, every layer's attention
+# mixed by a learned gate with retrieval from a per-head compressive memory updated with the delta rule (their
+# best variant, "Linear + Delta"); segments of 2048 tokens (the YAML's segment length).
+PRESETS.register("infini")(
+    dict(
+        mixer="infini",
+        memory="infini",
+        infini_delta_rule=True,
+        num_hidden_layers=12,
+        hidden_size=1024,
+        num_attention_heads=8,
+        intermediate_size=4096,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        pre_norm=True,
+        position_embedding_type="rotary",
+    )
+)
+
 
 def layer_mixers_at(name: str, layers: int) -> list[str] | None:
     """Preset `name`'s per-layer mixers for another number of layers: its `mixer` everywhere and its other

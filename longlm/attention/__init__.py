@@ -8,6 +8,7 @@ from longlm.attention.sliding import SlidingWindowAttention
 from longlm.attention.block_sparse import BlockSparseAttention
 from longlm.attention.lsh import LSHAttention
 from longlm.attention.routing import RoutingAttention
+from longlm.attention.infini import InfiniAttention
 
 __all__ = [
     "MIXERS",
@@ -20,4 +21,5 @@ __all__ = [
     "BlockSparseAttention",
     "LSHAttention",
     "RoutingAttention",
+    "InfiniAttention",
 ]

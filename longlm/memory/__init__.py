@@ -6,6 +6,7 @@ from longlm.memory.xl import XLMemory, XLMemoryState
 from longlm.memory.compressive import CompressiveMemory, CompressiveMemoryState
 from longlm.memory.knn import KNNMemory, KNNMemoryState
 from longlm.memory.rmt import RMTMemory, RMTMemoryState
+from longlm.memory.infini import InfiniMemory, InfiniMemoryState
 
 __all__ = [
     "MEMORIES",
@@ -20,4 +21,6 @@ __all__ = [
     "KNNMemoryState",
     "RMTMemory",
     "RMTMemoryState",
+    "InfiniMemory",
+    "InfiniMemoryState",
 ]
