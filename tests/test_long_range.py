@@ -166,7 +166,7 @@ def test_the_leaderboard_writes_tables_and_plots_and_does_not_retrain_a_finished
     table = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "| full |" in table and "| transformer-xl |" in table and "chance" in table
     assert "## Needle QA (encoders)" in table and "| full-512 | 128 (truncated) |" in table
-    for png in ("leaderboard-retrieval.png", "leaderboard-training.png", "leaderboard-context.png", "leaderboard-needle.png"):
+    for png in ("leaderboard-retrieval.png", "leaderboard-digits.png", "leaderboard-training.png", "leaderboard-context.png", "leaderboard-needle.png"):
         assert (tmp_path / "results" / png).read_bytes().startswith(b"\x89PNG")
     rows = [json.loads(line) for line in (tmp_path / "results" / "leaderboard.jsonl").read_text().splitlines()]
     assert [r["preset"] for r in rows[:2]] == presets and rows[0]["haystack"] == [ENWIK8]

@@ -17,7 +17,7 @@ from longlm.evaluation.suite import finished_result
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "long_range.py"
 NEEDLE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "needle_qa.py"
-PLOTS = ("leaderboard-retrieval.png", "leaderboard-training.png", "leaderboard-context.png")
+PLOTS = ("leaderboard-retrieval.png", "leaderboard-digits.png", "leaderboard-training.png", "leaderboard-context.png")
 NEEDLE_PLOT = "leaderboard-needle.png"
 
 
@@ -67,6 +67,14 @@ def markdown(results: Sequence[dict[str, Any]], header: str) -> str:
                      + f" | {r['reach_segments']:g} | {_cell(one['digit_accuracy'] if one else None)} |")
     chance = results[0]["retrieval"][0]
     lines.append(f"| chance | " + " | ".join(f"{chance['chance_exact_match']:.0e}" for _ in distances) + f" | — | {chance['chance_digit_accuracy']:.2f} |")
+    # partial recall that exact match hides: the share of the key's digits right, by distance
+    lines += ["", "Digit accuracy by distance (share of the key's digits right; chance "
+              f"{chance['chance_digit_accuracy']:.2f}):", ""]
+    lines.append("| preset | " + " | ".join(f"{d:g}" for d in distances) + " |")
+    lines.append("|---|" + "---|" * len(distances))
+    for r in results:
+        cells = {row["distance_segments"]: row for row in r["retrieval"]}
+        lines.append(f"| {r['preset']} | " + " | ".join(_cell(cells[d]["digit_accuracy"]) for d in distances) + " |")
     names = sorted({name for r in results for name in r["lm"]})
     lines += ["", "## Language modelling and cost", ""]
     lines.append("| preset | params | train tokens | minutes | stopped by | train tok/s | peak MiB | "
@@ -118,6 +126,15 @@ def plot(results: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
                title="Retrieval across segments (planted key in real text)")
         ax.legend(fontsize=7, ncol=2)
 
+    def digits(ax) -> None:
+        for r in results:
+            rows = r["retrieval"]
+            ax.plot([row["distance_segments"] for row in rows], [row["digit_accuracy"] for row in rows], marker="o", label=r["preset"])
+        ax.axhline(results[0]["retrieval"][0]["chance_digit_accuracy"], color="grey", linestyle=":", linewidth=1)
+        ax.set(xscale="log", xlabel="distance from fact to query (segments)", ylabel="digit accuracy (chance dotted)",
+               ylim=(-0.03, 1.03), title="Partial recall: share of the key's digits right")
+        ax.legend(fontsize=7, ncol=2)
+
     def training(ax) -> None:
         for r in results:
             history = r["training"]["history"]
@@ -134,7 +151,7 @@ def plot(results: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
                title="Loss by evaluation memory")
         ax.legend(fontsize=7)
 
-    return [_save_figure(folder / name, draw) for name, draw in zip(PLOTS, (retrieval, training, context))]
+    return [_save_figure(folder / name, draw) for name, draw in zip(PLOTS, (retrieval, digits, training, context))]
 
 
 def needle_markdown(results: Sequence[dict[str, Any]]) -> str:
