@@ -40,6 +40,7 @@ def main() -> None:
         clamp_len=args.clamp_len,
         same_length=args.same_length or None,
         max_segments=args.max_segments,
+        progress=True,
     )
     metrics = lm_metrics(result, split, args.dataset)
     for key, value in metrics.items():

@@ -44,6 +44,28 @@ def test_enwik8_reads_zip_and_gzip_the_same(tmp_path):
         assert np.array_equal(plain, other)
 
 
+@pytest.mark.parametrize("compression", ["raw", "zip", "gzip"])
+def test_streamed_build_equals_reading_the_whole_file(tmp_path, monkeypatch, compression):
+    """The split written chunk by chunk (chunks far smaller than the split, so words and chunk boundaries
+    cross) holds the ids and the word count of the whole file read at once."""
+    import longlm.data.enwik8 as enwik8
+
+    raw = ENWIK8_SAMPLE.read_bytes()[:300_001]
+    path = tmp_path / "bytes.raw"
+    if compression == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("enwik8", raw)
+    else:
+        path.write_bytes(gzip.compress(raw, compresslevel=1) if compression == "gzip" else raw)
+    monkeypatch.setattr(enwik8, "CHUNK_BYTES", 4099)
+    corpus = CORPORA.get("enwik8")(path, cache_dir=tmp_path / "cache")
+    for name, (start, end) in split_bounds(len(raw)).items():
+        split = corpus.split(name)
+        part = raw[start:end]
+        assert np.array_equal(np.asarray(split.tokens), enwik8.bytes_to_ids(part))
+        assert (split.num_words, split.num_bytes) == (len(part.split()), len(part))
+
+
 def test_tokenised_split_is_cached_memory_mapped(tmp_path):
     corpus = CORPORA.get("enwik8")(ENWIK8_SAMPLE, cache_dir=tmp_path)
     first = corpus.split("validation")

@@ -22,8 +22,15 @@ def file_identity(path: Path) -> tuple[str, int, int]:
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def cached_split(cache_dir: Path, key: str, build: Callable[[], CorpusSplit]) -> CorpusSplit:
-    """Return the split stored under `key`, building and storing it on first use."""
+def cached_split(
+    cache_dir: Path, key: str, build: Callable[[], CorpusSplit] | None = None,
+    write_tokens: Callable[[Path], tuple[int, int]] | None = None,
+) -> CorpusSplit:
+    """Return the split stored under `key`, building and storing it on first use.
+
+    Either `build()` returns the whole split (in memory), or `write_tokens(path)` writes the token array as a
+    .npy file itself, chunk by chunk, and returns (num_words, num_bytes): a corpus of any size is then cached
+    with memory that does not grow with it (byte corpora; one document, no doc_starts)."""
     folder = cache_dir / "splits" / key
     meta_path = folder / "meta.json"
     if meta_path.exists():
@@ -34,13 +41,20 @@ def cached_split(cache_dir: Path, key: str, build: Callable[[], CorpusSplit]) ->
             num_words=meta["num_words"],
             num_bytes=meta["num_bytes"],
         )
-    split = build()
+    if (build is None) == (write_tokens is None):
+        raise ValueError("cached_split needs exactly one of build and write_tokens.")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"tokens.{os.getpid()}.npy"
-    np.save(tmp, split.tokens)
+    if write_tokens is not None:
+        num_words, num_bytes = write_tokens(tmp)
+        doc_starts = np.zeros(1, dtype=np.int64)
+    else:
+        split = build()
+        np.save(tmp, split.tokens)
+        num_words, num_bytes, doc_starts = split.num_words, split.num_bytes, split.doc_starts
     os.replace(tmp, folder / "tokens.npy")
-    np.save(folder / "doc_starts.npy", split.doc_starts)
+    np.save(folder / "doc_starts.npy", doc_starts)
     meta_tmp = folder / f"meta.{os.getpid()}.json"
-    meta_tmp.write_text(json.dumps({"num_words": split.num_words, "num_bytes": split.num_bytes}))
+    meta_tmp.write_text(json.dumps({"num_words": num_words, "num_bytes": num_bytes}))
     os.replace(meta_tmp, meta_path)  # written last: its presence means the split is complete
-    return cached_split(cache_dir, key, build)
+    return cached_split(cache_dir, key, build, write_tokens)

@@ -58,12 +58,14 @@ def evaluate_stream(
     max_segments: int | None = None,
     carry_memory: bool = True,
     token_losses: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Total NLL (nats) over the split's ordered segments; returns the totals and counts.
 
     `carry_memory=False` feeds every segment without memory (the context is the segment alone).
     `token_losses=True` adds `token_nll` (nats per scored token) and `token_index` (the index in
     `split.tokens` of the token each one predicts), for losses by position in a document.
+    `progress=True` shows a progress bar with the ETA on stderr (segments scored of those to score).
     """
     if tgt_len <= 0:
         raise ValueError(f"tgt_len must be a positive integer, got {tgt_len}.")
@@ -81,7 +83,13 @@ def evaluate_stream(
         streams = SegmentStreams(split.tokens, batch_size, tgt_len, split.doc_starts, drop_last=False)
         total, count, memory = 0.0, 0, None
         nll_parts, index_parts = [], []
-        for index in range(len(streams) if max_segments is None else min(max_segments, len(streams))):
+        total_segments = len(streams) if max_segments is None else min(max_segments, len(streams))
+        indices = range(total_segments)
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc=f"evaluating {split.name}", unit="segment", mininterval=2.0)
+        for index in indices:
             batch = streams.segment(index)
             memory = memory_for_segment(memory, batch) if carry_memory else None
             out = model(input_ids=batch["input_ids"].to(device), memory=memory, document_starts=batch["document_starts"].to(device))
