@@ -400,7 +400,9 @@ class LongLMModel(LongLMPreTrainedModel):
         if layout is not None:
             hidden, layer_inputs = layout.unpack(hidden), [layout.unpack(h) for h in layer_inputs]
         projections = (
-            [layer.block.mixer.content_projections() for layer in self.layers] if self.memory.needs_projections else []
+            [layer.block.mixer.content_projections() for layer in self.layers]
+            if self.memory.needs_projections(self.config)
+            else []
         )
         segment = SegmentPass(
             layer_inputs,

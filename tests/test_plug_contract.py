@@ -111,3 +111,23 @@ def test_unknown_and_mismatched_options_are_refused():
         lambda: LongLMConfig(num_hidden_layers=2, mixer="full", memory="knn", layer_mixers=["full", "full"]),
         "knn layer",
     )
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_projections_are_handed_over_only_to_a_memory_that_reads_them(name):
+    config = tiny_preset_config(name)
+    model = LongLMForCausalLM(config).eval()
+    seen = {}
+    original = model.model.memory.update
+
+    def spy(state, segment):
+        seen["projections"] = list(segment.projections)
+        return original(state, segment)
+
+    model.model.memory.update = spy
+    with torch.no_grad():
+        model(torch.randint(3, 200, (1, 8)))
+    if MEMORIES.get(config.memory).needs_projections(config):
+        assert len(seen["projections"]) == config.num_hidden_layers and all(p is not None for p in seen["projections"])
+    else:
+        assert seen["projections"] == []
