@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from longlm.options import is_int
+
 # old key -> the mixer it put in the layers it listed
 LEGACY_LAYER_KEYS = {"knn_layers": "knn", "routing_layers": "routing"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def migrate_config_dict(kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
@@ -28,14 +26,14 @@ def migrate_config_dict(kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
         raise ValueError(
             f"LongLMConfig got both layer_mixers and {sorted(legacy)}; expected layer_mixers alone (one mixer per layer)."
         )
-    if not (_is_int(layers) and layers > 0) or not isinstance(config.mixer, (str, list, tuple)):
+    if not (is_int(layers) and layers > 0) or not isinstance(config.mixer, (str, list, tuple)):
         return kwargs  # the core check names the bad num_hidden_layers / mixer
     types = [config.mixer] * layers if isinstance(config.mixer, str) else list(config.mixer)
     if len(types) != layers:
         return kwargs
     claimed: dict[int, str] = {}
     for key, indices in legacy.items():
-        if not isinstance(indices, (list, tuple)) or not all(_is_int(i) for i in indices):
+        if not isinstance(indices, (list, tuple)) or not all(is_int(i) for i in indices):
             raise ValueError(f"LongLMConfig.{key} must be None or a list of layer indices, got {indices!r}.")
         for index in indices:
             if not 0 <= index < layers:

@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import math
 import os
 import re
 from typing import Any, Callable
@@ -21,7 +20,7 @@ from transformers.activations import ACT2FN
 from longlm.attention import MIXERS
 from longlm.config_migration import LEGACY_LAYER_KEYS, migrate_config_dict
 from longlm.memory import MEMORIES
-from longlm.options import Option, collect_options
+from longlm.options import Option, collect_options, is_int, is_number, non_negative_int, positive_int, positive_int_or_none
 
 
 def mechanism_options() -> dict[str, Option]:
@@ -49,34 +48,12 @@ HF_EXTRA_CONFIG_KEYS = frozenset(
 )
 
 
-def _is_int(value: Any) -> bool:
-    """An int that is not a bool (YAML/JSON give `true` where a typo meant a number)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float that is not a bool (NaN or inf sizes and rates only fail later)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value > 0
-
-
-def _non_negative_int(value: Any) -> bool:
-    return _is_int(value) and value >= 0
-
-
-def _positive_int_or_none(value: Any) -> bool:
-    return value is None or _positive_int(value)
-
-
 def _probability(value: Any) -> bool:
-    return _is_number(value) and 0.0 <= value < 1.0
+    return is_number(value) and 0.0 <= value < 1.0
 
 
 def _positive_number(value: Any) -> bool:
-    return _is_number(value) and value > 0
+    return is_number(value) and value > 0
 
 
 def _layer_mixers(value: Any) -> bool:
@@ -86,21 +63,21 @@ def _layer_mixers(value: Any) -> bool:
 # field -> (valid?, what was expected), checked before the mixers read them (sizes, rates, flags)
 CORE_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{
-        name: (_positive_int, "a positive integer")
+        name: (positive_int, "a positive integer")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "head_dim")
     },
-    "max_position_embeddings": (_positive_int, "a positive integer"),
-    "mem_len": (_non_negative_int, "a non-negative integer"),
-    "clamp_len": (_positive_int_or_none, "a positive integer or None"),
-    "position_offset": (_non_negative_int, "a non-negative integer"),
-    "type_vocab_size": (_non_negative_int, "a non-negative integer"),
-    "feed_forward_chunk_size": (_non_negative_int, "a non-negative integer (0 = no chunking)"),
-    "bptt_depth": (_positive_int, "a positive integer (segments per gradient window)"),
+    "max_position_embeddings": (positive_int, "a positive integer"),
+    "mem_len": (non_negative_int, "a non-negative integer"),
+    "clamp_len": (positive_int_or_none, "a positive integer or None"),
+    "position_offset": (non_negative_int, "a non-negative integer"),
+    "type_vocab_size": (non_negative_int, "a non-negative integer"),
+    "feed_forward_chunk_size": (non_negative_int, "a non-negative integer (0 = no chunking)"),
+    "bptt_depth": (positive_int, "a positive integer (segments per gradient window)"),
     "hidden_dropout_prob": (_probability, "a number in [0, 1)"),
     "attention_dropout": (_probability, "a number in [0, 1)"),
     "layer_norm_eps": (_positive_number, "a positive number (the LayerNorm divides by sqrt(variance + eps))"),
     "rope_theta": (_positive_number, "a positive number (the rotary base)"),
-    "initializer_range": (lambda v: _is_number(v) and v >= 0, "a non-negative number (the init std)"),
+    "initializer_range": (lambda v: is_number(v) and v >= 0, "a non-negative number (the init std)"),
     "hidden_act": (lambda v: isinstance(v, str) and v in ACT2FN, f"one of {sorted(ACT2FN)}"),
     "memory": (lambda v: isinstance(v, str), "a memory name"),
     "position_embedding_type": (lambda v: isinstance(v, str), f"one of {list(POSITION_EMBEDDING_TYPES)}"),
@@ -270,7 +247,7 @@ class LongLMConfig(PretrainedConfig):
         for name, spec in options.items():
             setattr(self, name, kwargs.pop(name) if name in kwargs else spec.default)
         self.refuse_unknown_keys(kwargs)
-        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
+        if self.head_dim is None and is_int(self.hidden_size) and is_int(self.num_attention_heads) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self._check()
@@ -297,6 +274,10 @@ class LongLMConfig(PretrainedConfig):
         if self.layer_mixers is not None:
             return list(self.layer_mixers)
         return [self.mixer] * self.num_hidden_layers if isinstance(self.mixer, str) else list(self.mixer)
+
+    def layers_with(self, mixer: str) -> list[int]:
+        """The indices of the layers whose mixer is `mixer` (what a memory that serves one mixer reads)."""
+        return [index for index, name in enumerate(self.mixers) if name == mixer]
 
     def _check(self) -> None:
         """One clear sentence per bad field (raised as ValueError)."""
@@ -339,7 +320,7 @@ class LongLMConfig(PretrainedConfig):
         for name in TOKEN_ID_FIELDS:
             value = getattr(self, name)
             ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
-            if value is not None and not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+            if value is not None and not all(is_int(i) and 0 <= i < self.vocab_size for i in ids):
                 raise ValueError(
                     f"LongLMConfig.{name} must be None or a token id in [0, vocab_size={self.vocab_size}), got {value!r}."
                 )

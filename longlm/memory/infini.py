@@ -45,13 +45,17 @@ class InfiniMemoryState(MemoryState):
 
 def infini_layers(config) -> list[int]:
     """The layers whose mixer is `infini` (they read and write the memory)."""
-    return [index for index, name in enumerate(config.mixers) if name == "infini"]
+    return config.layers_with("infini")
 
 
 @MEMORIES.register("infini")
 class InfiniMemory(SegmentMemory):
     carries_context = False
     backpropagates_through_state = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.layers = infini_layers(config)  # read once: the layer structure never changes
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -71,16 +75,16 @@ class InfiniMemory(SegmentMemory):
         return InfiniWrite if layer_idx in infini_layers(config) else None
 
     def mixer_payload(self, state: InfiniMemoryState | None, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if state is None or not state.memory:
+        if state is None or not state.memory or layer_idx not in self.layers:
             return None
-        position = infini_layers(self.config).index(layer_idx) if layer_idx in infini_layers(self.config) else None
-        return None if position is None else (state.memory[position], state.normaliser[position])
+        position = self.layers.index(layer_idx)
+        return state.memory[position], state.normaliser[position]
 
     def update(self, state: InfiniMemoryState | None, segment: SegmentPass) -> InfiniMemoryState:
         if state is not None and state.frozen:
             return state
         memory, normaliser = [], []
-        for position, layer_idx in enumerate(infini_layers(self.config)):
+        for position, layer_idx in enumerate(self.layers):
             write: InfiniWrite = segment.writes[layer_idx]
             old_m = None if state is None else state.memory[position]
             old_z = None if state is None else state.normaliser[position]

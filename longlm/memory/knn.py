@@ -75,7 +75,7 @@ class KNNMemoryState(XLMemoryState):
 
 def knn_layers(config) -> list[int]:
     """The layers whose mixer is `knn` (they fill and read the store)."""
-    return [index for index, name in enumerate(config.mixers) if name == "knn"]
+    return config.layers_with("knn")
 
 
 def _append_last(old: torch.Tensor | None, new: torch.Tensor, size: int, dim: int) -> torch.Tensor:
