@@ -176,7 +176,7 @@ class LongLMConfig(PretrainedConfig):
     """Configuration of a longlm decoder (or, later, encoder).
 
     Field names follow Hugging Face (`hidden_size`, `num_hidden_layers`, ...). The two plug points:
-    `mixer` (a name, or one name per layer) picks the token mixer; `memory` picks the state
+    `mixer` (a name) picks the token mixer of every layer, or `layer_mixers` one per layer; `memory` picks the state
     carried across segments (`mem_len` states per layer for a memory that caches states).
     """
 
@@ -195,7 +195,7 @@ class LongLMConfig(PretrainedConfig):
     pre_norm: bool = False
     scale_embeddings: bool = False
     initializer_range: float = 0.02
-    mixer: Any = "full"
+    mixer: str = "full"
     memory: str = "none"
     mem_len: int = 0
     clamp_len: int | None = None
@@ -273,7 +273,7 @@ class LongLMConfig(PretrainedConfig):
         """One mixer name per layer: `layer_mixers`, or `mixer` in every layer."""
         if self.layer_mixers is not None:
             return list(self.layer_mixers)
-        return [self.mixer] * self.num_hidden_layers if isinstance(self.mixer, str) else list(self.mixer)
+        return [self.mixer] * self.num_hidden_layers
 
     def layers_with(self, mixer: str) -> list[int]:
         """The indices of the layers whose mixer is `mixer` (what a memory that serves one mixer reads)."""
@@ -332,13 +332,9 @@ class LongLMConfig(PretrainedConfig):
                 f"LongLMConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})."
             )
-        if not isinstance(self.mixer, (str, list, tuple)) or (
-            not isinstance(self.mixer, str) and not all(isinstance(name, str) for name in self.mixer)
-        ):
-            raise ValueError(f"LongLMConfig.mixer must be a mixer name or a list of names, got {self.mixer!r}.")
-        if not isinstance(self.mixer, str) and len(self.mixer) != self.num_hidden_layers:
+        if not isinstance(self.mixer, str):
             raise ValueError(
-                f"LongLMConfig.mixer lists {len(self.mixer)} mixers but num_hidden_layers is {self.num_hidden_layers}."
+                f"LongLMConfig.mixer must be a mixer name (per-layer names go in layer_mixers), got {self.mixer!r}."
             )
         if self.layer_mixers is not None and len(self.layer_mixers) != self.num_hidden_layers:
             raise ValueError(

@@ -1,7 +1,9 @@
 """A name -> class registry, so the skeleton never names a mechanism (no if/elif chains)."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -32,3 +34,14 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def import_mechanisms(package: str, path: Iterable[str]) -> list[str]:
+    """Import every public module of `package` (a registry package's `__init__` passes its `__name__` and
+    `__path__`), so a mechanism registers by existing: adding one is a new file, with no import line in a
+    core file. Modules are imported in name order; an import error is raised, never skipped. Returns the
+    module names. (A saved folder's flat copy gets these imports written out: `longlm.remote_code`.)"""
+    names = sorted(info.name for info in pkgutil.iter_modules(list(path)) if not info.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

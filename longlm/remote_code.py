@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import pkgutil
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ AUTO_MAP = {
     "AutoModelForQuestionAnswering": "modeling_longlm.LongLMForQuestionAnswering",
 }
 _IMPORT_LINE = re.compile(rf"^(\s*)from {PACKAGE}\.([\w.]+) import", flags=re.MULTILINE)
+_DISCOVERY = "import_mechanisms"  # longlm.registry's package-discovery call
+_DISCOVERY_LINE = re.compile(rf"^([ \t]*){_DISCOVERY}\(__name__, __path__\)[ \t]*$", flags=re.MULTILINE)
 
 
 def flat_name(module: str) -> str:
@@ -52,8 +55,24 @@ def _package_imports(path: Path) -> set[str]:
     return found
 
 
+def _discovers_mechanisms(path: Path) -> bool:
+    """Whether the file calls `import_mechanisms(...)` (a registry package's `__init__`)."""
+    return any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == _DISCOVERY
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+    )
+
+
+def _discovered_modules(package: str) -> list[str]:
+    """The modules `import_mechanisms` imports for `package`: its public submodules, in name order."""
+    folder = _module_file(package).parent
+    return [f"{package}.{info.name}" for info in sorted(pkgutil.iter_modules([str(folder)]), key=lambda i: i.name)
+            if not info.name.startswith("_")]
+
+
 def model_modules() -> list[str]:
-    """Transitive closure of package modules needed by the config and model classes."""
+    """Transitive closure of package modules needed by the config and model classes (a registry package
+    needs every module it discovers)."""
     seen: set[str] = set()
     todo = list(ENTRY_MODULES)
     while todo:
@@ -61,8 +80,24 @@ def model_modules() -> list[str]:
         if module in seen:
             continue
         seen.add(module)
-        todo.extend(_package_imports(_module_file(module)) - seen)
+        path = _module_file(module)
+        todo.extend(_package_imports(path) - seen)
+        if _discovers_mechanisms(path):
+            todo.extend(set(_discovered_modules(module)) - seen)
     return sorted(seen)
+
+
+def _write_out_discovery(module: str, text: str) -> str:
+    """In a flat copy there is no package to list: the `import_mechanisms(...)` call becomes one relative
+    import per discovered module (which Hugging Face's loader follows and copies)."""
+    def imports(match: re.Match) -> str:
+        indent = match.group(1)
+        return "\n".join(
+            f"{indent}from .{flat_name(name)} import __name__ as _{flat_name(name)}  # registers its mechanisms"
+            for name in _discovered_modules(module)
+        )
+
+    return _DISCOVERY_LINE.sub(imports, text)
 
 
 def write_remote_code(save_directory: str | Path) -> list[str]:
@@ -79,6 +114,8 @@ def write_remote_code(save_directory: str | Path) -> list[str]:
     written = []
     for module in model_modules():
         text = _module_file(module).read_text(encoding="utf-8")
+        if _discovers_mechanisms(_module_file(module)):
+            text = _write_out_discovery(module, text)
         text = _IMPORT_LINE.sub(lambda m: f"{m.group(1)}from .{flat_name(PACKAGE + '.' + m.group(2))} import", text)
         name = flat_name(module) + ".py"
         (save_directory / name).write_text(text, encoding="utf-8")

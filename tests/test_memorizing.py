@@ -106,7 +106,7 @@ def test_faiss_and_torch_find_the_same_neighbours(knn_config):
     model = _model(config, dtype=torch.float32)
     segments = [_ids(config, 2, SEG) for _ in range(4)]
     logits_torch, _ = _run(model, segments)
-    model.config.knn_backend = "faiss"
+    model.with_memory(knn_backend="faiss")
     logits_faiss, _ = _run(model, segments)
     for a, b in zip(logits_torch, logits_faiss):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

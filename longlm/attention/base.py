@@ -136,6 +136,8 @@ class TokenMixer(nn.Module):
         self.head_dim = config.head_dim
         self.inner_size = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        self.rope_theta: float = config.rope_theta
+        self.attention_dropout: float = config.attention_dropout
         self.configure(config)
 
     def configure(self, config: "LongLMConfig") -> None:
@@ -159,7 +161,7 @@ class TokenMixer(nn.Module):
     @property
     def attention_dropout_p(self) -> float:
         """The attention-probability dropout of this call: `config.attention_dropout` in training, else 0."""
-        return self.config.attention_dropout if self.training else 0.0
+        return self.attention_dropout if self.training else 0.0
 
     @property
     def attn_implementation(self) -> str:

@@ -520,7 +520,7 @@ class BlockSparseAttention(TokenMixer):
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         if self.rotary:
-            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.config.rope_theta, hidden.device)
+            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.rope_theta, hidden.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.attention_dropout_p
         key_mask, documents = inputs.key_mask, inputs.documents
@@ -563,7 +563,7 @@ class BlockSparseAttention(TokenMixer):
         """New tokens after every cached key, each attending only its block pattern: O(cached keys) per token."""
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
-        theta = self.config.rope_theta if self.rotary else None
+        theta = self.rope_theta if self.rotary else None
         out = cached_step_attention(q, k, v, inputs.cache, pattern=self._in_pattern, scale=self.scale, rope_theta=theta,
             implementation=self.attn_implementation,
         )

@@ -43,7 +43,7 @@ class FullAttention(TokenMixer):
         kv = self.project_with_memory(self.kv_proj, hidden, inputs.memory)
         k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))
         if self.rotary:
-            cos, sin = rotary_for(inputs.rotary, k.shape[2], self.head_dim, self.config.rope_theta, hidden.device)
+            cos, sin = rotary_for(inputs.rotary, k.shape[2], self.head_dim, self.rope_theta, hidden.device)
             q = apply_rotary(q, cos[memory_length:], sin[memory_length:])
             k = apply_rotary(k, cos, sin)
         window = self.same_length_window
@@ -73,7 +73,7 @@ class FullAttention(TokenMixer):
         """New tokens after cached keys/values: O(cached keys) per token."""
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
-        theta = self.config.rope_theta if self.rotary else None
+        theta = self.rope_theta if self.rotary else None
         out = cached_step_attention(q, k, v, inputs.cache, pattern=every_earlier_key, scale=self.scale, rope_theta=theta,
             implementation=self.attn_implementation,
         )

@@ -120,7 +120,7 @@ class InfiniAttention(TokenMixer):
     def _local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         length = q.shape[2]
         if self.rotary:
-            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.config.rope_theta, q.device)
+            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.rope_theta, q.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         needs_mask = inputs.key_mask is not None or inputs.documents is not None
         mask = (

@@ -157,6 +157,12 @@ class KNNAttention(RelativeAttention):
         self.gate_bias = nn.Parameter(torch.zeros(self.num_heads))  # b_h, g_h = sigmoid(b_h)
         self.memory_log_scale = nn.Parameter(torch.zeros(self.num_heads))  # s_h, t_h = sqrt(Dh) exp(s_h)
 
+    def configure(self, config) -> None:
+        """Retrieval settings an evaluation may change (`model.with_memory(knn_top_k=..., knn_backend=...)`)."""
+        super().configure(config)
+        self.top_k: int = config.knn_top_k
+        self.backend: str = config.knn_backend
+
     @classmethod
     def check_config(cls, config) -> None:
         if config.memory != "knn":
@@ -177,7 +183,7 @@ class KNNAttention(RelativeAttention):
 
     def memory_attention(self, queries: torch.Tensor, store: KNNStore) -> tuple[torch.Tensor, torch.Tensor]:
         """(softmax(t_h q̂ . k̂) v over the retrieved pairs (B, H, L, Dh), found-anything (B, H, L, 1))."""
-        indices, found = retrieve(queries.detach(), store, self.config.knn_top_k, self.config.knn_backend)
+        indices, found = retrieve(queries.detach(), store, self.top_k, self.backend)
         keys = gather_entries(store.keys, indices).to(queries.dtype)
         values = gather_entries(store.values, indices).to(queries.dtype)
         scale = math.sqrt(self.head_dim) * self.memory_log_scale.exp()[None, :, None, None]

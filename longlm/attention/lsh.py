@@ -99,6 +99,7 @@ class LSHAttention(TokenMixer):
         self.o_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
         self.rotary = config.position_embedding_type == "rotary"
         self.num_buckets = config.num_buckets
+        self.reversible: bool = config.reversible
         self.num_hashes = config.num_hashes
         self.chunk_length = config.lsh_chunk_length
         self.hash_seed = config.lsh_hash_seed + layer_idx
@@ -150,7 +151,7 @@ class LSHAttention(TokenMixer):
         if is_recomputing() and stashed is not None and stashed.shape[::3] == (x.shape[0], x.shape[2]):
             return self._stash.pop().to(device=x.device, dtype=torch.long)
         buckets = self.hash(x)
-        if self.config.reversible and self.training and not torch.is_grad_enabled() and not is_recomputing():
+        if self.reversible and self.training and not torch.is_grad_enabled() and not is_recomputing():
             self._stash = self._stash[-(STASH_LIMIT - 1) :] + [buckets.to(torch.int32)]
         return buckets
 
@@ -165,7 +166,7 @@ class LSHAttention(TokenMixer):
         x = self.split_heads(self.qk_proj(hidden))
         v = self.split_heads(self.v_proj(hidden))
         if self.rotary:
-            cos, sin = rotary_for(inputs.rotary, length, head_dim, self.config.rope_theta, hidden.device)
+            cos, sin = rotary_for(inputs.rotary, length, head_dim, self.rope_theta, hidden.device)
             x = apply_rotary(x, cos, sin)
         padded = -(-length // c) * c
         buckets, sentinel = self.buckets(x), self.num_buckets
@@ -213,7 +214,7 @@ class LSHAttention(TokenMixer):
         x = self.split_heads(self.qk_proj(hidden))
         v = self.split_heads(self.v_proj(hidden))
         if self.rotary:
-            x = rotate_at(x, slot.positions, self.config.rope_theta)
+            x = rotate_at(x, slot.positions, self.rope_theta)
         keys, values = slot.keys_values(x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + NORM_EPS) * self.head_dim**-0.5, v)
         buckets = self.hash(x)  # (B, H, R, L)
         all_buckets = slot.extras_with((buckets,))[0]  # (B, H, R, T + L)

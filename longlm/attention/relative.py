@@ -42,6 +42,7 @@ def relative_distances(query_length: int, key_length: int, causal: bool, device:
 class RelativeAttention(TokenMixer):
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
+        self.hidden_size: int = config.hidden_size
         self.q_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
         self.kv_proj = nn.Linear(config.hidden_size, 2 * self.inner_size, bias=False)
         self.r_proj = nn.Linear(config.hidden_size, self.inner_size, bias=False)
@@ -71,7 +72,7 @@ class RelativeAttention(TokenMixer):
         clamp = self.clamp_len
         if clamp is not None:
             distances = distances.clamp(min=-clamp, max=clamp)
-        table = sinusoid_table(distances, self.config.hidden_size).to(q.dtype)
+        table = sinusoid_table(distances, self.hidden_size).to(q.dtype)
         r = self.r_proj(table).view(-1, self.num_heads, self.head_dim)  # (P, H, Dh)
         raw = torch.einsum("bhld,phd->bhlp", (q + self.position_bias[:, None, :]) * scale, r)
         return relative_shift(raw, key_length)

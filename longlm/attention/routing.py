@@ -356,7 +356,7 @@ class RoutingAttention(TokenMixer):
         local_q = q[:, routing:]
         local_k = self._heads(self.k_proj(hidden), self.num_local_heads) if self.k_proj is not None else None
         if self.rotary:
-            cos, sin = rotary_for(inputs.rotary, hidden.shape[1], self.head_dim, self.config.rope_theta, hidden.device)
+            cos, sin = rotary_for(inputs.rotary, hidden.shape[1], self.head_dim, self.rope_theta, hidden.device)
             shared = apply_rotary(shared, cos, sin)
             if local_k is not None:
                 local_q, local_k = apply_rotary(local_q, cos, sin), apply_rotary(local_k, cos, sin)
@@ -391,7 +391,7 @@ class RoutingAttention(TokenMixer):
         shared, local_q = unit * math.sqrt(self.head_dim), q[:, routing:]
         local_k = self._heads(self.k_proj(hidden), self.num_local_heads) if self.k_proj is not None else None
         if self.rotary:
-            theta = self.config.rope_theta
+            theta = self.rope_theta
             shared, local_q = rotate_at(shared, slot.positions, theta), rotate_at(local_q, slot.positions, theta)
             local_k = None if local_k is None else rotate_at(local_k, slot.positions, theta)
         clusters = nearest_centroid(unit, self.centroids)  # (B, R, L)

@@ -144,7 +144,7 @@ class SlidingWindowAttention(TokenMixer):
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         cos = sin = None
         if self.rotary:
-            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.config.rope_theta, hidden.device)
+            cos, sin = rotary_for(inputs.rotary, length, self.head_dim, self.rope_theta, hidden.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.attention_dropout_p
         documents = inputs.documents
@@ -196,7 +196,7 @@ class SlidingWindowAttention(TokenMixer):
         """New tokens after the rolling cache of the last `_cache_span` positions: O(window) per token."""
         q = self.split_heads(self.q_proj(hidden))
         k, v = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
-        theta = self.config.rope_theta if self.rotary else None
+        theta = self.rope_theta if self.rotary else None
         out = cached_step_attention(
             q, k, v, inputs.cache, pattern=self._in_window, scale=self.scale, rope_theta=theta, span=self._cache_span,
             implementation=self.attn_implementation,

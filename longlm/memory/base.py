@@ -115,7 +115,6 @@ class SegmentMemory(nn.Module):
 
     def __init__(self, config: "LongLMConfig") -> None:
         super().__init__()
-        self.config = config
         self.mem_len: int = config.mem_len
         self.configure(config)
 

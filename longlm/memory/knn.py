@@ -89,6 +89,8 @@ def _append_last(old: torch.Tensor | None, new: torch.Tensor, size: int, dim: in
 
 @MEMORIES.register("knn")
 class KNNMemory(XLMemory):
+    # how the knn mixers search the store (read by them); the store's size is fixed at construction
+    reconfigurable_options = ("knn_top_k", "knn_backend")
     options = {
         "knn_memory_size": option(65536, POSITIVE),  # (key, value) pairs per row and knn layer
         "knn_top_k": option(32, POSITIVE),
@@ -103,9 +105,10 @@ class KNNMemory(XLMemory):
             )
         check_knn_fields(config)
 
-    @property
-    def knn_layers(self) -> list[int]:
-        return knn_layers(self.config)
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.knn_layers: list[int] = knn_layers(config)  # read once: the layer structure never changes
+        self.store_size: int = config.knn_memory_size
 
     @classmethod
     def required_write(cls, config, layer_idx: int) -> type | None:
@@ -120,7 +123,7 @@ class KNNMemory(XLMemory):
         """A new segment retrieves from everything before it: the held-back pairs join the store."""
         if not isinstance(state, KNNMemoryState) or state.pending_valid is None:
             return state
-        size = self.config.knn_memory_size
+        size = self.store_size
         return dataclasses.replace(
             state,
             keys=tuple(_append_last(old, new, size, dim=2) for old, new in _per_layer(state.keys, state.pending_keys)),

@@ -63,6 +63,7 @@ class RMTMemory(SegmentMemory):
     def __init__(self, config) -> None:
         super().__init__(config)
         count = config.num_memory_tokens
+        self.is_decoder: bool = bool(config.is_decoder)
         # an Embedding, so the model's `_init_weights` initialises it like the token embeddings
         self.initial = nn.Embedding(count, config.hidden_size) if count > 0 else None
 
@@ -100,7 +101,7 @@ class RMTMemory(SegmentMemory):
         if count == 0:
             return hidden, 0, 0
         read = self._read_memory(state, hidden.shape[0], hidden)
-        if self.config.is_decoder:
+        if self.is_decoder:
             write = read
             if document_starts is not None and bool(document_starts.any()):
                 starts_here = document_starts.bool().any(dim=1).to(hidden.device)[:, None, None]
@@ -115,7 +116,7 @@ class RMTMemory(SegmentMemory):
         if state is not None and state.frozen:
             return state
         final = segment.final_hidden
-        written = final[:, final.shape[1] - count :] if self.config.is_decoder else final[:, :count]
+        written = final[:, final.shape[1] - count :] if self.is_decoder else final[:, :count]
         fresh = torch.zeros(final.shape[0], dtype=torch.bool, device=final.device)
         return RMTMemoryState(written, fresh)
 
