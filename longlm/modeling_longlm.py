@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from longlm.attention.base import MixerInputs, TokenMixer
 from longlm.attention.documents import document_numbers
 from longlm.attention.kv_cache import KVCacheState, cached_call_slots
 from longlm.configuration_longlm import LongLMConfig
+from longlm.head_inputs import BackboneInputs, split_loss_kwargs, with_backbone_inputs
 from longlm.layers.block import LongLMBlock
 from longlm.layers.packing import PackedRows
 from longlm.layers.positions import RotaryTable
@@ -460,48 +461,34 @@ class LongLMForCausalLM(LongLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @with_backbone_inputs(LongLMModel.forward)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        memory: MemoryState | None = None,
         labels: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        global_attention_mask: torch.Tensor | None = None,
-        document_starts: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Any,
+        **inputs: Unpack[BackboneInputs],
     ) -> LongLMCausalLMOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            memory=memory,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-            global_attention_mask=global_attention_mask,
-            document_starts=document_starts,
-            segment_continues=kwargs.pop("segment_continues", False),
-            segment_ends=kwargs.pop("segment_ends", True),
-            use_cache=use_cache,
-        )
+        """Next-token logits; `labels` (B, L) are the input ids (shifted here, -100 ignored). `shift_labels`
+        (already shifted targets) may be passed instead; it is not in the signature because the Trainer takes
+        every `*label*` argument there as a required batch key. `num_items_in_batch` (the Trainer's count of
+        targets over the accumulated batches) makes the loss a sum over that count, so gradient accumulation
+        equals one large batch."""
+        shift_labels = inputs.pop("shift_labels", None)
+        inputs, loss_kwargs = split_loss_kwargs(type(self).__name__, inputs)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **inputs)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = lm_loss = None
-        # not in the signature: Trainer takes every `*label*` argument it sees there as a required batch key
-        shift_labels = kwargs.pop("shift_labels", None)
         if labels is not None and shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         if shift_labels is not None:
-            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
-            loss = _with_aux_losses(lm_loss, outputs.aux_losses)
+            lm_loss, share = _token_loss(logits, shift_labels, **loss_kwargs)
+            loss = _with_aux_losses(lm_loss, outputs.aux_losses, share)
         output = LongLMCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -624,9 +611,29 @@ def _flag(value: bool | None, default: bool | None) -> bool:
     return bool(default) if value is None else bool(value)
 
 
-def _with_aux_losses(loss: torch.Tensor | None, aux_losses: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
-    """The training loss: the head's loss plus the memory's auxiliary losses (which train only the memory)."""
-    return loss + sum(aux_losses.values()) if loss is not None and aux_losses else loss
+def _token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """(cross-entropy over the targets that are not -100, this batch's share of the targets).
+
+    Without `num_items_in_batch` the loss is the mean over this batch's targets (share 1). With it (the
+    Trainer's count over every batch of one accumulated step) the loss is the sum over that count, as
+    Hugging Face's own heads compute it, so accumulated batches of unequal target counts add up to the
+    mean over all of them; the share (this batch's targets / the count) weights the auxiliary losses alike."""
+    flat_logits, flat_targets = logits.float().flatten(0, 1), targets.flatten().to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100), 1.0
+    total = torch.as_tensor(num_items_in_batch, device=logits.device)
+    summed = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
+    return summed / total, (flat_targets != -100).sum() / total
+
+
+def _with_aux_losses(
+    loss: torch.Tensor | None, aux_losses: dict[str, torch.Tensor] | None, share: float | torch.Tensor = 1.0
+) -> torch.Tensor | None:
+    """The training loss: the head's loss plus the memory's auxiliary losses (which train only the memory),
+    weighted by the batch's share of an accumulated step's targets (`_token_loss`)."""
+    return loss + share * sum(aux_losses.values()) if loss is not None and aux_losses else loss
 
 
 class MaskedLMHead(nn.Module):
@@ -669,39 +676,23 @@ class LongLMForMaskedLM(LongLMPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head.decoder = value
 
+    @with_backbone_inputs(LongLMModel.forward)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        memory: MemoryState | None = None,
         labels: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        global_attention_mask: torch.Tensor | None = None,
-        document_starts: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        **kwargs: Any,
+        **inputs: Unpack[BackboneInputs],
     ) -> LongLMMaskedLMOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            memory=memory,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-            global_attention_mask=global_attention_mask,
-            document_starts=document_starts,
-            token_type_ids=token_type_ids,
-        )
+        """Token logits; `labels` (B, L) hold the original id at masked positions and -100 elsewhere
+        (`num_items_in_batch` as in the causal head)."""
+        inputs, loss_kwargs = split_loss_kwargs(type(self).__name__, inputs)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **inputs)
         logits = self.lm_head(outputs.last_hidden_state)
-        mlm_loss = None
-        if labels is not None:
-            mlm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        mlm_loss, share = _token_loss(logits, labels, **loss_kwargs) if labels is not None else (None, 1.0)
         output = LongLMMaskedLMOutput(
-            loss=_with_aux_losses(mlm_loss, outputs.aux_losses),
+            loss=_with_aux_losses(mlm_loss, outputs.aux_losses, share),
             logits=logits,
             hidden_states=outputs.hidden_states,
             memory=outputs.memory,
@@ -749,20 +740,20 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
     def uses_global_tokens(self) -> bool:
         return any(layer.block.mixer.has_global_tokens for layer in self.model.layers)
 
+    @with_backbone_inputs(LongLMModel.forward)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         global_attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        **inputs: Unpack[BackboneInputs],
     ) -> LongLMQuestionAnsweringOutput:
+        """Start/end logits; `start_positions` / `end_positions` (B,) train them. Without a
+        `global_attention_mask`, mixers with global tokens attend globally from the question."""
+        inputs, _ = split_loss_kwargs(type(self).__name__, inputs)  # the span loss is a mean over rows
         if global_attention_mask is None and input_ids is not None and self.uses_global_tokens:
             if self.config.question_global_attention:
                 global_attention_mask = question_global_mask(input_ids, self.config.sep_token_id)
@@ -771,12 +762,9 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
             global_attention_mask=global_attention_mask,
-            token_type_ids=token_type_ids,
+            return_dict=True,
+            **inputs,
         )
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).float().unbind(dim=-1)
         if attention_mask is not None:  # padding is never an answer
@@ -795,6 +783,7 @@ class LongLMForQuestionAnswering(LongLMPreTrainedModel):
             end_logits=end_logits,
             hidden_states=outputs.hidden_states,
             global_attention_mask=global_attention_mask,
+            memory=outputs.memory,
         )
         return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
 

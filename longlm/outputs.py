@@ -36,6 +36,8 @@ class LongLMMaskedLMOutput(MaskedLMOutput):
 @dataclass
 class LongLMQuestionAnsweringOutput(QuestionAnsweringModelOutput):
     """HF's QA output plus the global attention mask the model used (the question tokens, set automatically
-    for mixers with global tokens), so callers can see where global attention landed."""
+    for mixers with global tokens), so callers can see where global attention landed, and the memory after
+    the segment (as the other heads return it: a long document can be read segment by segment)."""
 
     global_attention_mask: torch.Tensor | None = None
+    memory: MemoryState | None = None

@@ -13,6 +13,7 @@ from longlm import LongLMForCausalLM
 from longlm.layers.block import LongLMBlock
 from longlm.modeling_longlm import generated_memory
 from tests.presets_tiny import PRESET_NAMES, tiny_preset_config
+from tests.sentences import raises_naming
 
 VOCAB = 97
 
@@ -116,6 +117,77 @@ def test_trainer_evaluate_reports_eval_loss_with_default_arguments(name, tmp_pat
         batches = [torch.stack([r["input_ids"] for r in rows[i : i + 2]]) for i in (0, 2)]
         expected = sum(model(b, labels=b).loss.item() for b in batches) / 2
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _rows_of_unequal_targets(count: int, length: int) -> list[dict[str, torch.Tensor]]:
+    """Rows whose labels ignore (-100) all but the first 8..length tokens: accumulated batches hold unequal
+    target counts (no padding: the compressive memory refuses padded batches)."""
+    rows = []
+    for index in range(count):
+        targets = 8 + (index * 5) % (length - 7)
+        ids = _ids(1, length, seed=index)[0]
+        rows.append({"input_ids": ids, "labels": ids.masked_fill(torch.arange(length) >= targets, -100)})
+    return rows
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_trainer_gradient_accumulation_equals_one_large_batch(name, tmp_path):
+    """Two batches of 2 accumulated take the step one batch of 4 takes (the Trainer passes
+    num_items_in_batch to a forward with **kwargs and then does not divide the loss itself)."""
+    from transformers import Trainer, TrainingArguments
+
+    rows = _rows_of_unequal_targets(4, 16)
+    after = {}
+    for batch, accumulate in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        model = _model(name).train()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{batch}x{accumulate}"), per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulate, max_steps=1, learning_rate=0.5, optim="sgd",
+            lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[], use_cpu=True,
+            save_strategy="no", dataloader_drop_last=False, seed=0, data_seed=0,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = Trainer(model=model, args=args, train_dataset=rows)
+            trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+            trainer.train()
+        after[batch] = {key: value.detach().clone() for key, value in model.named_parameters()}
+    torch.manual_seed(0)
+    start = dict(_model(name).named_parameters())
+    moved = max((after[4][key] - start[key]).abs().max().item() for key in start)
+    assert moved > 1e-4  # the step did something
+    for key in start:
+        torch.testing.assert_close(after[2][key], after[4][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+HEADS = ("LongLMForCausalLM", "LongLMForMaskedLM", "LongLMForQuestionAnswering")
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_takes_the_backbone_inputs_and_refuses_a_misspelt_one(head):
+    import inspect
+
+    import longlm
+    from longlm.head_inputs import BACKBONE_INPUTS
+
+    cls = getattr(longlm, head)
+    parameters = inspect.signature(cls.forward).parameters
+    assert list(parameters)[:3] == ["self", "input_ids", "attention_mask"]
+    assert set(BACKBONE_INPUTS) <= set(parameters)  # the Trainer keeps these dataset columns
+    decoder = head == "LongLMForCausalLM"
+    config = tiny_preset_config("bigbird" if not decoder else "rmt", vocab_size=VOCAB, is_decoder=decoder, sep_token_id=4)
+    model = cls(config).eval()
+    ids = _ids(1, 12)
+    ids[0, 3] = 4
+    raises_naming(lambda: model(ids, documnet_starts=torch.zeros_like(ids)), head, "documnet_starts", error=TypeError)
+    with torch.no_grad():
+        starts = torch.zeros_like(ids, dtype=torch.bool)
+        starts[0, 6] = True
+        plain, split = model(ids), model(ids, document_starts=starts)
+    first = plain.logits if hasattr(plain, "logits") else plain.start_logits
+    second = split.logits if hasattr(split, "logits") else split.start_logits
+    assert not torch.allclose(first[:, 6:], second[:, 6:])  # the input reached the backbone
 
 
 # --------------------------------------------------------------------------------------------------
