@@ -27,7 +27,7 @@ from longlm.head_inputs import BackboneInputs, split_loss_kwargs, with_backbone_
 from longlm.layers.block import LongLMBlock
 from longlm.layers.packing import PackedRows
 from longlm.layers.positions import RotaryTable
-from longlm.layers.recompute import recomputing
+from longlm.layers.recompute import flag_recomputation, recomputing
 from longlm.layers.reversible import reversible_stack
 from longlm.memory.base import MemoryState, SegmentMemory, SegmentPass
 from longlm.memory.registry import MEMORIES
@@ -49,11 +49,6 @@ class LongLMLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, Any]:
         return self.block(hidden, inputs)
-
-
-def _flag_recomputation():
-    """torch.utils.checkpoint context_fn: nothing special in forward, `recomputing()` during the rerun."""
-    return contextlib.nullcontext(), recomputing()
 
 
 def _flag_second_run(checkpoint_func):
@@ -103,7 +98,7 @@ class LongLMPreTrainedModel(PreTrainedModel):
             )
         options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if not options["use_reentrant"]:
-            options.setdefault("context_fn", _flag_recomputation)
+            options.setdefault("context_fn", flag_recomputation)
         super()._activation_checkpointing_enable(options, *args, **kwargs)
         if options["use_reentrant"]:
             for module in self.modules():

@@ -21,3 +21,9 @@ def recomputing() -> Iterator[None]:
         yield
     finally:
         _state.depth -= 1
+
+
+def flag_recomputation() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """torch.utils.checkpoint `context_fn` (non-reentrant): nothing special in forward, `recomputing()` during
+    the rerun in backward, so side effects in training apply once."""
+    return contextlib.nullcontext(), recomputing()

@@ -4,7 +4,9 @@
 with BERT masking); the loop is the same for every objective. Each training step feeds the next segment of
 every stream and keeps the memory the model returns for the step after (the Transformer-XL recipe). With
 `config.bptt_depth` k > 1 (RMT) a step feeds the next k segments, keeps the graph through the memory between
-them, backpropagates their mean loss once and detaches the memory it carries to the next step. Checkpoints
+them, backpropagates their mean loss once and detaches the memory it carries to the next step; with
+`replay_segments` each segment's activations are recomputed in backward from the memory it read (memory-replay
+backpropagation), so activation memory is about one segment's whatever the depth. Checkpoints
 carry that memory, the position in the streams, the RNG state and the tokenizer, so a resumed run takes
 exactly the step an uninterrupted run would have taken and `scripts/export.py` can write an HF folder from
 the checkpoint alone. Masked LM draws its masks from torch's global RNG in training (saved per rank with the
@@ -19,10 +21,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from longlm.configuration_longlm import LongLMConfig
 from longlm.data.streams import memory_for_segment
 from longlm.memory.base import MemoryState
+from longlm.layers.recompute import flag_recomputation
 from longlm.training.objectives import build_objective
 from longlm.training.optim import adamw_with_warmup_cosine
 from longlm.training.tokenizer_files import check_tokenizer_files, tokenizer_from_files, tokenizer_to_files
@@ -46,6 +50,9 @@ class CausalLMPretraining(L.LightningModule):
         task: the objective, a name in `longlm.training.objectives.OBJECTIVES` (`causal`, `mlm`); `mlm`
             trains `LongLMForMaskedLM` and sets `is_decoder: false` (true is refused).
         masking: `mlm` only: `{probability: 0.15, whole_word: false}` (`longlm.training.masking`).
+        replay_segments: keep only each segment's input memory and losses in training and recompute the segment
+            in backward (memory-replay backpropagation, with the forward's dropout draws): the same gradients,
+            activation memory of about one segment at any `bptt_depth`, about one more forward per segment.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class CausalLMPretraining(L.LightningModule):
         gradient_checkpointing: bool = False,
         task: str = "causal",
         masking: dict[str, Any] | None = None,
+        replay_segments: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -70,6 +78,7 @@ class CausalLMPretraining(L.LightningModule):
         self.model = self.objective.model_class(LongLMConfig.from_preset(preset, **overrides))
         if gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
             getattr(self.model, "activation_checkpointing_enable", self.model.gradient_checkpointing_enable)()
+        self.replay_segments = replay_segments
         self.train_memory: MemoryState | None = None
         self.eval_memory: MemoryState | None = None
         self.eval_generator: torch.Generator | None = None  # masking in validation/test; None in training
@@ -86,9 +95,19 @@ class CausalLMPretraining(L.LightningModule):
         """Forward one segment as the objective prepares it; returns (output, memory for the next, model inputs)."""
         memory = memory_for_segment(memory, batch)
         inputs = self.objective.model_inputs(batch, self.tokenizer, None if self.training else self.eval_generator)
-        out = self.model(**inputs, memory=memory, document_starts=batch["document_starts"])
+        inputs = {**inputs, "memory": memory, "document_starts": batch["document_starts"]}
+        if self.replay_segments and self.training and torch.is_grad_enabled():
+            out = checkpoint(self._losses_and_memory, inputs, use_reentrant=False, context_fn=flag_recomputation)
+        else:
+            out = self.model(**inputs)
         next_memory = out.memory.detach() if out.memory is not None and detach else out.memory
         return out, next_memory, inputs
+
+    def _losses_and_memory(self, inputs: dict[str, Any]):
+        """The model's output for one segment without its logits and hidden states: what a replayed segment
+        keeps until backward (its losses and the memory it hands on), so no segment's activations outlive it."""
+        out = self.model(**inputs)
+        return type(out)(loss=out.loss, lm_loss=out.lm_loss, aux_losses=out.aux_losses, memory=out.memory)
 
     def forward_segments(self, segments: list[dict[str, Any]], memory: MemoryState | None):
         """Consecutive segments of the same streams with the memory kept in the graph between them (so the
