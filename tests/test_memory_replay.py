@@ -13,6 +13,7 @@ from longlm.data.streams import SegmentStreams
 from longlm.memory import MEMORIES
 from longlm.presets import shrunk_preset
 from longlm.training.lm_module import CausalLMPretraining
+from tests.paths import ENWIK8_SAMPLE, requires_shared_data
 from tests.presets_tiny import PRESET_NAMES, SHRINK, SIZE
 
 SEG = 16
@@ -92,3 +93,31 @@ def test_a_replayed_window_keeps_no_activation_between_segments():
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
         kept.training_step(_segments(2), 0)
     assert saved[4] < kept_total / 10  # replay at depth 4 keeps a small fraction of what depth 2 keeps otherwise
+
+
+@requires_shared_data
+def test_a_lightning_fit_with_replay_takes_the_steps_of_one_without(tmp_path):
+    """Through Trainer.fit (gradient clipping, AdamW, dropout on, bptt_depth 2): the same losses step by step."""
+    import lightning as L
+
+    from longlm.training import LMDataModule
+
+    losses = {}
+    for replay in (False, True):
+        L.seed_everything(7)
+        data = LMDataModule("enwik8", str(ENWIK8_SAMPLE), batch_size=4, tgt_len=16, cache_dir=str(tmp_path / "cache"))
+        config = shrunk_preset("rmt", dict(SIZE, hidden_dropout_prob=0.1), SHRINK, bptt_depth=2)
+        module = CausalLMPretraining("rmt", config=config, vocab_size=data.vocab_size, learning_rate=3e-3,
+                                     replay_segments=replay)
+        seen: list[float] = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                seen.append(float(outputs["loss"]))
+
+        trainer = L.Trainer(max_steps=4, default_root_dir=tmp_path / str(replay), logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[Record()],
+                            enable_checkpointing=False, gradient_clip_val=0.25)
+        trainer.fit(module, datamodule=data)
+        losses[replay] = seen
+    assert len(losses[True]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-5)
